@@ -56,6 +56,18 @@ def karras_ve_sigmas(
     return sigmas.to(device=device, dtype=dtype)
 
 
+def check_churn_and_solver(s_churn: float, s_min: float, s_max: float, s_noise: float, solver: str) -> None:
+    """Raise a ``ValueError`` naming the first bad stochastic setting or solver."""
+    if s_churn < 0:
+        raise ValueError(f"s_churn must be >= 0, got s_churn={s_churn}")
+    if s_noise < 0:
+        raise ValueError(f"s_noise must be >= 0, got s_noise={s_noise}")
+    if s_min > s_max:
+        raise ValueError(f"s_min must be <= s_max, got s_min={s_min}, s_max={s_max}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver={solver!r}; expected one of {SOLVERS}")
+
+
 def _check_sigmas(sigmas: torch.Tensor) -> list[float]:
     """Validate a custom schedule and return it as Python floats (read once: no host sync per step)."""
     sigmas = torch.as_tensor(sigmas)
@@ -119,14 +131,7 @@ def sample_karras_ve(
     ``solver="euler"`` skips the second-order correction (NFE = N instead of 2N - 1).
     ``callback(i, sigma_hat, x_hat, denoised)`` is called after each step's first denoiser evaluation.
     """
-    if s_churn < 0:
-        raise ValueError(f"s_churn must be >= 0, got s_churn={s_churn}")
-    if s_noise < 0:
-        raise ValueError(f"s_noise must be >= 0, got s_noise={s_noise}")
-    if s_min > s_max:
-        raise ValueError(f"s_min must be <= s_max, got s_min={s_min}, s_max={s_max}")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver={solver!r}; expected one of {SOLVERS}")
+    check_churn_and_solver(s_churn, s_min, s_max, s_noise, solver)
     if sigmas is None:
         sigmas = karras_ve_sigmas(num_steps, sigma_min, sigma_max, schedule, dtype=torch.float64)
     sigma = _check_sigmas(sigmas)

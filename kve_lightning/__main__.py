@@ -1,0 +1,3 @@
+from kve_lightning.cli import cli_main
+
+cli_main()

@@ -1,0 +1,224 @@
+"""Image data in [-1, 1] (scikit-learn's digits offline by default, torchvision sets, any folder) and seed lists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision import transforms
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def parse_seeds(seeds: str | int | Sequence[int]) -> list[int]:
+    """``"0-63"`` (inclusive), ``"0-9,20,30-32"``, an int or a list of ints -> list of non-negative seeds."""
+    if isinstance(seeds, bool):
+        raise ValueError(f"malformed seeds {seeds!r}")
+    if isinstance(seeds, int):
+        items: list[int] = [seeds]
+    elif isinstance(seeds, str):
+        items = []
+        for part in seeds.replace(" ", "").split(","):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if m is None:
+                raise ValueError(f"malformed seeds {seeds!r}: {part!r} is not N or A-B with non-negative integers")
+            a, b = int(m[1]), int(m[2] if m[2] is not None else m[1])
+            if b < a:
+                raise ValueError(f"malformed seeds {seeds!r}: range {part!r} is descending")
+            items.extend(range(a, b + 1))
+    else:
+        items = list(seeds)
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in items):
+            raise ValueError(f"malformed seeds {seeds!r}: expected integers")
+    if not items:
+        raise ValueError(f"malformed seeds {seeds!r}: no seed given")
+    if min(items) < 0 or max(items) >= 2**63:
+        raise ValueError(f"malformed seeds {seeds!r}: seeds must be in [0, 2**63)")
+    if len(set(items)) != len(items):
+        raise ValueError(f"malformed seeds {seeds!r}: a seed is repeated")
+    return items
+
+
+def digits_images(image_size: int, channels: int) -> torch.Tensor:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), in [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    x = torch.from_numpy(load_digits().images).float().unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return (x.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
+class ImagesOnly(Dataset):
+    """Drops the labels of a (image, label) dataset."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset[i][0]
+
+
+class ImageFolder(Dataset):
+    """Every PIL-readable image under ``root``, recursively, sorted by path."""
+
+    def __init__(self, root: str | Path, transform):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data folder {str(root)!r} does not exist or is not a directory")
+        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.paths:
+            raise ValueError(f"data folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img)
+
+
+class FlipDataset(Dataset):
+    """Random horizontal flips of a tensor dataset (training split only)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = self.dataset[i]
+        return x.flip(-1) if torch.rand(()) < 0.5 else x
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images scaled to [-1, 1], a deterministic validation split, and a predict loader over integer seeds.
+
+    Args:
+        dataset: ``"digits"`` (scikit-learn's 8x8 digits, offline; default), ``"mnist"``, ``"fashion_mnist"``,
+            ``"cifar10"`` (torchvision; fetched in ``prepare_data`` only with ``download: true``), or ``"folder"``
+            (every image under ``root``, recursively).
+        root: where torchvision data sets live, or the image folder.
+        image_size, channels: images are resized to image_size x image_size and converted to 1 or 3 channels.
+        hflip: random horizontal flips in training.
+        val_fraction, split_seed: the validation split, the same for every run with the same seed.
+        predict_seeds: seeds to sample in ``predict`` (``"0-63"``, ``"0-9,20"`` or a list).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        root: str = "data",
+        image_size: int = 8,
+        channels: int = 1,
+        hflip: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        download: bool = False,
+        predict_seeds: str | list[int] = "0-63",
+        predict_batch_size: int = 64,
+    ):
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset={dataset!r}; expected one of {DATASETS}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got channels={channels}")
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got image_size={image_size}")
+        if batch_size < 1 or predict_batch_size < 1:
+            raise ValueError(f"batch_size and predict_batch_size must be >= 1, got batch_size={batch_size}, "
+                             f"predict_batch_size={predict_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got num_workers={num_workers}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got val_fraction={val_fraction}")
+        self.save_hyperparameters()
+        self.seeds = parse_seeds(predict_seeds)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _torchvision_class(self):
+        from torchvision import datasets
+
+        return {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[
+            self.hparams.dataset
+        ]
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        if hp.dataset in ("mnist", "fashion_mnist", "cifar10") and hp.download:
+            self._torchvision_class()(hp.root, train=True, download=True)
+
+    def _transform(self):
+        hp = self.hparams
+        return transforms.Compose([
+            transforms.Grayscale(1) if hp.channels == 1 else transforms.Lambda(to_rgb),
+            transforms.Resize(hp.image_size, antialias=True),
+            transforms.CenterCrop(hp.image_size),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5] * hp.channels, [0.5] * hp.channels),
+        ])
+
+    def full_dataset(self) -> Dataset:
+        """The whole data set as [C, H, W] tensors in [-1, 1], before the split."""
+        hp = self.hparams
+        if hp.dataset == "digits":
+            return ImagesOnly(TensorDataset(digits_images(hp.image_size, hp.channels)))
+        if hp.dataset == "folder":
+            return ImageFolder(hp.root, self._transform())
+        try:
+            data = self._torchvision_class()(hp.root, train=True, download=False, transform=self._transform())
+        except RuntimeError as err:
+            raise FileNotFoundError(
+                f"{hp.dataset} not found under root={hp.root!r} ({err}). Set `download: true` (--data.download true) "
+                f"to fetch it with torchvision on a connected machine, or place torchvision's files there."
+            ) from None
+        return ImagesOnly(data)
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict" or self.train_set is not None:
+            return
+        hp = self.hparams
+        data = self.full_dataset()
+        n = len(data)
+        n_val = max(1, round(n * hp.val_fraction))
+        if n - n_val < 1:
+            raise ValueError(f"the data set has {n} images: too few for a training and a validation split")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(hp.split_seed)).tolist()
+        self.val_set = Subset(data, order[:n_val])
+        train = Subset(data, order[n_val:])
+        self.train_set = FlipDataset(train) if hp.hflip else train
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+                          drop_last=shuffle and len(dataset) >= hp.batch_size,
+                          persistent_workers=hp.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(torch.tensor(self.seeds, dtype=torch.long), batch_size=self.hparams.predict_batch_size,
+                          shuffle=False)

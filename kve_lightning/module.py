@@ -1,0 +1,205 @@
+"""The Lightning module: VE denoising score matching, and the stochastic Karras VE sampler for grids and predict."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from diffusers import UNet2DModel
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid
+
+from kve_lightning.denoiser import VEDenoiser, default_unet_config
+from kve_lightning.ema import EMA
+from kve_lightning.sampling import check_churn_and_solver, karras_ve_sigmas, sample_karras_ve
+
+SAMPLER_SETTINGS = ("num_steps", "schedule", "s_churn", "s_min", "s_max", "s_noise", "solver")
+
+
+def build_unet(image_size: int, channels: int, unet: dict[str, Any] | None) -> UNet2DModel:
+    """A Fourier-embedding ``UNet2DModel`` for ``channels`` x ``image_size`` x ``image_size`` images."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got channels={channels}")
+    config = {k: v for k, v in default_unet_config().items() if k not in ("sample_size", "in_channels", "out_channels")}
+    config |= dict(unet or {})
+    config |= dict(sample_size=image_size, in_channels=channels, out_channels=channels)
+    factor = 2 ** (len(config["down_block_types"]) - 1)
+    if image_size < factor or image_size % factor:
+        raise ValueError(
+            f"image_size={image_size} cannot pass the UNet's {len(config['down_block_types']) - 1} down-samplings: "
+            f"it must be a positive multiple of {factor}"
+        )
+    return UNet2DModel(**config)
+
+
+def dsm_loss(denoiser: VEDenoiser, y: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Per-sample VE denoising score matching: (1 / sigma^2) ||D(y + sigma eps; sigma) - y||^2, mean over elements.
+
+    Equals ||F + eps||^2 (EDM Eq. 2 with lambda(sigma) = 1 / sigma^2, VE column of Table 1). Kept in float32.
+    """
+    c = sigma.reshape(-1, *([1] * (y.ndim - 1)))
+    D = denoiser(y + c * eps, sigma).float()
+    return ((D - y.float()) ** 2 / c.float() ** 2).flatten(1).mean(1)
+
+
+class KarrasVeModule(L.LightningModule):
+    """A VE score model trained by denoising score matching over log-uniform sigmas, sampled with EDM Algorithm 2.
+
+    Args:
+        image_size, channels: the images' size and channel count (the CLI links them to the data).
+        unet: ``UNet2DModel`` keyword arguments over ``default_unet_config`` (Fourier embedding is required).
+        sigma_min, sigma_max: the VE noise range, for training and sampling.
+        num_steps, schedule, s_churn, s_min, s_max, s_noise, solver: sampler settings (``sample_karras_ve``).
+        lr, betas, weight_decay, warmup_steps: AdamW with a linear learning-rate warm-up.
+        ema_decay, ema_warmup: EMA of the weights (``ema_decay=0`` turns it off).
+        grid_size, grid_seed: the validation sample grid, one image per seed grid_seed, grid_seed + 1, ...
+        trajectory_rows, trajectory_cols: the denoising-trajectory strip logged beside it.
+        val_num_sigmas, val_seed: the fixed sigmas and noise of the validation loss.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 8,
+        channels: int = 1,
+        unet: dict[str, Any] | None = None,
+        sigma_min: float = 0.02,
+        sigma_max: float = 100.0,
+        num_steps: int = 50,
+        schedule: str = "ve",
+        s_churn: float = 80.0,
+        s_min: float = 0.05,
+        s_max: float = 1.0,
+        s_noise: float = 1.007,
+        solver: str = "heun",
+        lr: float = 2e-4,
+        betas: Sequence[float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 200,
+        ema_decay: float = 0.999,
+        ema_warmup: float = 10.0,
+        grid_size: int = 64,
+        grid_seed: int = 0,
+        trajectory_rows: int = 4,
+        trajectory_cols: int = 8,
+        val_num_sigmas: int = 8,
+        val_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        karras_ve_sigmas(num_steps, sigma_min, sigma_max, schedule)  # validates the sampler's settings early
+        check_churn_and_solver(s_churn, s_min, s_max, s_noise, solver)
+        if lr <= 0 or warmup_steps < 0 or grid_size < 0 or val_num_sigmas < 1:
+            raise ValueError(f"need lr > 0, warmup_steps >= 0, grid_size >= 0, val_num_sigmas >= 1; got lr={lr}, "
+                             f"warmup_steps={warmup_steps}, grid_size={grid_size}, val_num_sigmas={val_num_sigmas}")
+        self.denoiser = VEDenoiser(build_unet(image_size, channels, unet))
+        # Fixed validation sigmas, log-spaced over [sigma_min, sigma_max]
+        self.register_buffer("val_sigmas", torch.logspace(math.log10(sigma_min), math.log10(sigma_max),
+                                                           val_num_sigmas), persistent=False)
+
+    @property
+    def sampler_settings(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {k: hp[k] for k in SAMPLER_SETTINGS} | dict(sigma_min=hp.sigma_min, sigma_max=hp.sigma_max)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """D(x; sigma)."""
+        return self.denoiser(x, sigma)
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        y = batch
+        hp = self.hparams
+        u = torch.rand(y.shape[0], device=y.device)
+        sigma = hp.sigma_min * (hp.sigma_max / hp.sigma_min) ** u  # log-uniform on [sigma_min, sigma_max]
+        loss = dsm_loss(self.denoiser, y, sigma, torch.randn_like(y)).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        """The DSM loss at fixed sigmas with fixed noise: comparable across epochs and runs."""
+        y = batch
+        g = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
+        eps = torch.randn(y.shape, generator=g).to(y)
+        losses = []
+        for sigma in self.val_sigmas:
+            loss = dsm_loss(self.denoiser, y, sigma.expand(y.shape[0]), eps).mean()
+            self.log(f"val/loss_sigma_{sigma.item():.3g}", loss, batch_size=y.shape[0])
+            losses.append(loss)
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=y.shape[0])
+
+    def on_validation_epoch_start(self) -> None:
+        """Log the sample grid and trajectory strip. Callbacks' hooks run first: the EMA weights are in place."""
+        if self.trainer.sanity_checking or self.hparams.grid_size == 0 or not self.trainer.is_global_zero:
+            return
+        if not isinstance(self.logger, TensorBoardLogger):
+            return
+        grid, strip = self.sample_grid()
+        step = self.global_step
+        self.logger.experiment.add_image("samples/grid", grid, step)
+        self.logger.experiment.add_image("samples/trajectory", strip, step)
+
+    @torch.no_grad()
+    def sample_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A grid of ``grid_size`` samples (seeds grid_seed, ...) and a strip of x_hat / denoised over the steps
+        for the first ``trajectory_rows`` of them; both [C, H, W] in [0, 1]."""
+        hp = self.hparams
+        rows = min(hp.trajectory_rows, hp.grid_size)
+        num_steps = hp.num_steps
+        keep = set(torch.linspace(0, num_steps - 1, hp.trajectory_cols).round().long().tolist())
+        frames: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def record(i, sigma_hat, x_hat, denoised):
+            if i in keep:
+                frames.append((x_hat[:rows].clone(), denoised[:rows].clone()))
+
+        seeds = torch.arange(hp.grid_seed, hp.grid_seed + hp.grid_size)
+        images = self.sample(seeds, callback=record)
+        grid = make_grid(to_unit(images), nrow=math.ceil(math.sqrt(hp.grid_size)), padding=1)
+        # rows: x_hat of sample 0, denoised of sample 0, x_hat of sample 1, ...; columns: steps
+        strip = torch.stack([torch.stack([f[j][r] for f in frames]) for r in range(rows) for j in (0, 1)])
+        strip = make_grid(to_unit(strip.flatten(0, 1)), nrow=len(frames), padding=1)
+        return grid, strip
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def sample(self, seeds: torch.Tensor | Sequence[int], callback=None, **overrides: Any) -> torch.Tensor:
+        """One image per integer seed, each from its own ``torch.Generator``: an image depends only on its seed
+        and the sampler settings (``overrides`` replace the module's), not on the batch or rank. In [-1, 1] units,
+        unclamped."""
+        hp = self.hparams
+        seeds = [int(s) for s in seeds]
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        settings = self.sampler_settings | overrides
+        shape = (len(seeds), hp.channels, hp.image_size, hp.image_size)
+        return sample_karras_ve(self.denoiser, shape, generator=gens, device=self.device, callback=callback,
+                                **settings)
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """``batch``: integer seeds [B]. Returns images in [0, 1], [B, C, H, W]."""
+        return to_unit(self.sample(batch))
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # the non-fused AdamW: gradient clipping with the fused one fails under mixed precision (lightning < 2.6.7)
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
+                                fused=False)
+        warmup = max(hp.warmup_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_callbacks(self):
+        """EMA on by default while fitting; predict and validate use the (EMA) weights the checkpoint holds."""
+        if self.hparams.ema_decay > 0 and self.trainer.state.fn == "fit":
+            return [EMA(self.hparams.ema_decay, self.hparams.ema_warmup)]
+        return []
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped."""
+    return (x / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny UNet and one short `kve fit` run whose checkpoint several tests sample from."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kve_lightning.cli import cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A UNet small enough for tests: two resolutions of 16 and 32 channels, no attention.
+TINY_UNET = ('{"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8, '
+             '"down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]}')
+TINY_MODEL_ARGS = [f"--model.unet={TINY_UNET}", "--model.num_steps=4", "--model.grid_size=4",
+                   "--model.trajectory_rows=2", "--model.trajectory_cols=3"]
+
+
+def run_kve(*args: str, cwd=None, check=True) -> subprocess.CompletedProcess:
+    """``python -m kve_lightning ARGS`` in a subprocess (exit code and messages as a user sees them)."""
+    proc = subprocess.run([sys.executable, "-m", "kve_lightning", *args], cwd=cwd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kve {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def sample_script(argv: list[str]) -> None:
+    """``scripts/sample.py ARGV``, in process."""
+    spec = importlib.util.spec_from_file_location("kve_sample_script", REPO / "scripts" / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """`kve fit` on digits for 6 steps with one validation: returns (run dir, checkpoint path)."""
+    root = tmp_path_factory.mktemp("fit")
+    cli_main([
+        "fit", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS,
+        f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+        "--trainer.max_steps=6", "--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
+        "--trainer.check_val_every_n_epoch=1", "--trainer.log_every_n_steps=1",
+        "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+        "--data.batch_size=16",
+    ])
+    ckpts = sorted(root.rglob("last.ckpt"))
+    assert len(ckpts) == 1, list(root.rglob("*"))
+    return root, ckpts[0]

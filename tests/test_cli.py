@@ -1,0 +1,139 @@
+"""End to end through the `kve` CLI and scripts/sample.py: fit, validate, TensorBoard grids, predict, PNG files."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO, TINY_MODEL_ARGS, run_kve, sample_script
+from kve_lightning.cli import cli_main
+from kve_lightning.module import KarrasVeModule, to_unit
+
+
+def test_fit_writes_checkpoint_and_tensorboard_grid(trained_run):
+    root, ckpt = trained_run
+    events = sorted(root.rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0}).Reload()
+    tags = acc.Tags()
+    assert {"samples/grid", "samples/trajectory"} <= set(tags["images"])
+    grid = acc.Images("samples/grid")[-1]
+    # 4 images of 8 x 8 in a 2 x 2 grid with 1-pixel padding: 2 * (8 + 1) + 1 = 19
+    assert (grid.width, grid.height) == (19, 19)
+    # trajectory: 2 rows x (x_hat, denoised) = 4 rows, 3 columns
+    strip = acc.Images("samples/trajectory")[-1]
+    assert (strip.width, strip.height) == (3 * 9 + 1, 4 * 9 + 1)
+    assert {"train/loss", "val/loss"} <= set(tags["scalars"])
+    assert sum(t.startswith("val/loss_sigma_") for t in tags["scalars"]) == 8
+
+
+def test_checkpoint_holds_ema_weights_and_rebuilds_alone(trained_run):
+    _, ckpt = trained_run
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert "current_model_state" in state and "averaging_state" in state  # EMA was on
+    ema, raw = state["state_dict"], state["current_model_state"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    module = KarrasVeModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, ema[k])
+    again = KarrasVeModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    torch.testing.assert_close(module.sample([3, 4]), again.sample([3, 4]), rtol=0, atol=0)
+
+
+def test_validate_runs_from_checkpoint(trained_run, tmp_path):
+    root, ckpt = trained_run
+    cli_main(["validate", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS,
+              f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path}",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=1",
+              "--trainer.enable_progress_bar=false"])
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def _pngs(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def test_predict_and_sample_script_write_identical_pngs(trained_run, tmp_path):
+    _, ckpt = trained_run
+    out_predict, out_script, out_b1 = tmp_path / "predict", tmp_path / "script", tmp_path / "b1"
+    run_kve("predict", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS, f"--ckpt_path={ckpt}",
+            "--data.predict_seeds=3-7,11", "--data.predict_batch_size=4", f"--writer.output_dir={out_predict}",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", cwd=tmp_path)
+    files = _pngs(out_predict)
+    assert set(files) == {f"{s:06d}.png" for s in (3, 4, 5, 6, 7, 11)} | {"grid.png"}
+    with Image.open(out_predict / "000003.png") as im:
+        assert im.size == (8, 8) and im.mode == "L"
+    script = ["--ckpt", str(ckpt), "--seeds", "3-7,11"]
+    sample_script([*script, "--out", str(out_script), "--batch-size", "8", "--grid"])
+    sample_script([*script, "--out", str(out_b1), "--batch-size", "1"])
+    assert _pngs(out_script) == files  # same bytes as `kve predict`, grid included
+    assert _pngs(out_b1) == {k: v for k, v in files.items() if k != "grid.png"}  # batch size 1 vs 8
+
+
+def test_sample_script_overrides_and_matches_module(trained_run, tmp_path):
+    _, ckpt = trained_run
+    sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path), "--seeds", "9", "--steps", "3", "--schedule", "edm",
+                   "--s-churn", "0"])
+    module = KarrasVeModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    expected = (to_unit(module.sample([9], num_steps=3, schedule="edm", s_churn=0.0))[0, 0] * 255).round()
+    with Image.open(tmp_path / "000009.png") as im:
+        assert np.array_equal(np.asarray(im), expected.to(torch.uint8).numpy())
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--seeds", "5-2"], "5-2"),
+        (["--seeds", "a"], "'a'"),
+        (["--seeds", "-1"], "-1"),
+        (["--batch-size", "0"], "batch-size"),
+    ],
+)
+def test_sample_script_bad_input(trained_run, tmp_path, capsys, args, needle):
+    _, ckpt = trained_run
+    with pytest.raises(SystemExit) as exit_info:
+        sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), *args])
+    assert exit_info.value.code != 0 and needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sample_script_missing_or_foreign_checkpoint(tmp_path, capsys):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.ones(2)}, foreign)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(b"PK\x03\x04 not a whole file")
+    for ckpt in (tmp_path / "missing.ckpt", foreign, truncated):
+        with pytest.raises(SystemExit) as exit_info:
+            sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code != 0 and ckpt.name in err, err
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--data.dataset=imagenet"], "imagenet"),
+        (["--data.image_size=9"], "image_size=9"),
+        (["--data.predict_seeds=5-2"], "5-2"),
+        (["--model.schedule=cosine"], "cosine"),
+        (["--data.dataset=folder", "--data.root=EMPTY"], "no images"),
+    ],
+)
+def test_cli_bad_input_names_the_value(tmp_path, capsys, monkeypatch, args, needle):
+    (tmp_path / "EMPTY").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("EMPTY", str(tmp_path / "EMPTY")) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS, *args,
+                  "--trainer.fast_dev_run=1"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err[-2000:]
+
+
+def test_cli_missing_checkpoint(tmp_path):
+    proc = run_kve("predict", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS,
+                   f"--ckpt_path={tmp_path / 'nope.ckpt'}", "--trainer.logger=false", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "nope.ckpt" in proc.stderr

@@ -1,0 +1,64 @@
+"""ImageDataModule and seed parsing."""
+
+import pytest
+import torch
+from PIL import Image
+
+from kve_lightning import ImageDataModule
+from kve_lightning.data import parse_seeds
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3") == [0, 1, 2, 3]
+    assert parse_seeds("0-2, 7,9-10") == [0, 1, 2, 7, 9, 10]
+    assert parse_seeds([4, 2]) == [4, 2]
+    assert parse_seeds(5) == [5]
+    for bad in ("5-2", "a", "-1", "", "1-", "3,3", [1.5], True):
+        with pytest.raises(ValueError, match="malformed seeds"):
+            parse_seeds(bad)
+
+
+def test_digits_in_range_with_deterministic_split():
+    dm = ImageDataModule(image_size=16, channels=3, batch_size=32)
+    dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == 1797
+    x = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 3, 16, 16) and x.min() >= -1 and x.max() <= 1 and x.min() < -0.9 and x.max() > 0.9
+    other = ImageDataModule(image_size=16, channels=3)
+    other.setup("fit")
+    assert dm.val_set.indices == other.val_set.indices
+    assert torch.equal(next(iter(dm.val_dataloader()))[:8], next(iter(other.val_dataloader()))[:8])
+
+
+def test_folder_dataset_recursive_and_converted(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (20, 12), (40 * i, 0, 255)).save(tmp_path / "a" / ("b" if i % 2 else "") / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    dm = ImageDataModule(dataset="folder", root=str(tmp_path), image_size=8, channels=1, val_fraction=0.2,
+                         batch_size=2)
+    dm.setup("fit")
+    assert len(dm.train_set) == 4 and len(dm.val_set) == 1
+    x = dm.train_set[0]
+    assert x.shape == (1, 8, 8) and -1 <= x.min() and x.max() <= 1
+
+
+def test_bad_data_settings(tmp_path):
+    with pytest.raises(ValueError, match="dataset='imagenet'"):
+        ImageDataModule(dataset="imagenet")
+    with pytest.raises(ValueError, match="channels"):
+        ImageDataModule(channels=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        ImageDataModule(batch_size=0)
+    with pytest.raises(ValueError, match="no images"):
+        ImageDataModule(dataset="folder", root=str(tmp_path)).setup("fit")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageDataModule(dataset="folder", root=str(tmp_path / "missing")).setup("fit")
+    with pytest.raises(FileNotFoundError, match="download"):
+        ImageDataModule(dataset="mnist", root=str(tmp_path)).setup("fit")
+
+
+def test_predict_loader_yields_seeds_in_order():
+    dm = ImageDataModule(predict_seeds="3-9", predict_batch_size=3)
+    batches = list(dm.predict_dataloader())
+    assert [b.tolist() for b in batches] == [[3, 4, 5], [6, 7, 8], [9]]

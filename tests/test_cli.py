@@ -7,7 +7,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, TINY_MODEL_ARGS, run_kve, sample_script
-from kve_lightning.cli import cli_main
+from kve_lightning import ImageDataModule
+from kve_lightning.cli import KveCLI, cli_main
 from kve_lightning.module import KarrasVeModule, to_unit
 
 
@@ -137,3 +138,16 @@ def test_cli_missing_checkpoint(tmp_path):
     proc = run_kve("predict", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS,
                    f"--ckpt_path={tmp_path / 'nope.ckpt'}", "--trainer.logger=false", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "nope.ckpt" in proc.stderr
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_build(config, tmp_path, monkeypatch):
+    """Every shipped config parses and builds; the data's image size and channels reach the UNet."""
+    monkeypatch.chdir(tmp_path)
+    cli = KveCLI(KarrasVeModule, ImageDataModule, run=False,
+                 args=[f"--config={config}", "--data.image_size=16", "--trainer.accelerator=cpu",
+                       "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"])
+    unet_config = cli.model.denoiser.unet.config
+    assert unet_config.sample_size == 16 == cli.model.hparams.image_size
+    assert unet_config.in_channels == cli.datamodule.hparams.channels == unet_config.out_channels
+    assert unet_config.time_embedding_type == "fourier"

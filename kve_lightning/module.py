@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from diffusers import UNet2DModel
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torchvision.utils import make_grid
 
 from kve_lightning.denoiser import VEDenoiser, default_unet_config
@@ -57,6 +58,7 @@ class KarrasVeModule(L.LightningModule):
         grid_size, grid_seed: the validation sample grid, one image per seed grid_seed, grid_seed + 1, ...
         trajectory_rows, trajectory_cols: the denoising-trajectory strip logged beside it.
         val_num_sigmas, val_seed: the fixed sigmas and noise of the validation loss.
+        max_bad_steps: stop after this many consecutive steps skipped for a non-finite loss or gradient.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class KarrasVeModule(L.LightningModule):
         trajectory_cols: int = 8,
         val_num_sigmas: int = 8,
         val_seed: int = 0,
+        max_bad_steps: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -93,10 +96,13 @@ class KarrasVeModule(L.LightningModule):
         if lr <= 0 or warmup_steps < 0 or grid_size < 0 or val_num_sigmas < 1:
             raise ValueError(f"need lr > 0, warmup_steps >= 0, grid_size >= 0, val_num_sigmas >= 1; got lr={lr}, "
                              f"warmup_steps={warmup_steps}, grid_size={grid_size}, val_num_sigmas={val_num_sigmas}")
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got max_bad_steps={max_bad_steps}")
         self.denoiser = VEDenoiser(build_unet(image_size, channels, unet))
-        # Fixed validation sigmas, log-spaced over [sigma_min, sigma_max]
-        self.register_buffer("val_sigmas", torch.logspace(math.log10(sigma_min), math.log10(sigma_max),
-                                                           val_num_sigmas), persistent=False)
+        self.skipped_steps = 0
+        self.consecutive_bad_steps = 0
+        # fixed validation sigmas, log-spaced over [sigma_min, sigma_max]
+        self.val_sigmas = torch.logspace(math.log10(sigma_min), math.log10(sigma_max), val_num_sigmas).tolist()
 
     @property
     def sampler_settings(self) -> dict[str, Any]:
@@ -114,9 +120,38 @@ class KarrasVeModule(L.LightningModule):
         hp = self.hparams
         u = torch.rand(y.shape[0], device=y.device)
         sigma = hp.sigma_min * (hp.sigma_max / hp.sigma_min) ** u  # log-uniform on [sigma_min, sigma_max]
-        loss = dsm_loss(self.denoiser, y, sigma, torch.randn_like(y)).mean()
+        losses = dsm_loss(self.denoiser, y, sigma, torch.randn_like(y))
+        self._last_sigmas = (sigma.detach(), losses.detach())
+        loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip a step whose loss or gradient is not finite: its gradients are dropped, so no weight (nor the EMA)
+        moves. Gradients are all-reduced before this hook, so every rank decides alike. ``max_bad_steps``
+        consecutive skips stop the run with an error."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads or torch.stack([g.isfinite().all() for g in grads]).all():
+            self.consecutive_bad_steps = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_bad_steps += 1
+        sigma, losses = self._last_sigmas
+        bad = sigma[~losses.isfinite()].tolist()
+        rank_zero_warn(f"non-finite loss or gradient at step {self.global_step} (sigma of non-finite losses: "
+                       f"{[round(s, 4) for s in bad] or 'none; gradient only'}): step skipped")
+        for p in self.parameters():
+            p.grad = None
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if self.consecutive_bad_steps >= self.hparams.max_bad_steps:
+            raise FloatingPointError(f"{self.consecutive_bad_steps} consecutive steps with a non-finite loss or "
+                                     f"gradient (max_bad_steps={self.hparams.max_bad_steps}): stopping; lower lr?")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never write non-finite weights."""
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise FloatingPointError(f"refusing to save a checkpoint with non-finite weights in {bad[:5]}")
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         """The DSM loss at fixed sigmas with fixed noise: comparable across epochs and runs."""
@@ -125,10 +160,10 @@ class KarrasVeModule(L.LightningModule):
         eps = torch.randn(y.shape, generator=g).to(y)
         losses = []
         for sigma in self.val_sigmas:
-            loss = dsm_loss(self.denoiser, y, sigma.expand(y.shape[0]), eps).mean()
-            self.log(f"val/loss_sigma_{sigma.item():.3g}", loss, batch_size=y.shape[0])
+            loss = dsm_loss(self.denoiser, y, torch.full((y.shape[0],), sigma, device=y.device), eps).mean()
+            self.log(f"val/loss_sigma_{sigma:.3g}", loss, batch_size=y.shape[0], sync_dist=True)
             losses.append(loss)
-        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=y.shape[0])
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=y.shape[0], sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
         """Log the sample grid and trajectory strip. Callbacks' hooks run first: the EMA weights are in place."""

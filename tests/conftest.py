@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny UNet and one short `kve fit` run whose checkpoint several tests sample from."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,14 +39,18 @@ def sample_script(argv: list[str]) -> None:
 def trained_run(tmp_path_factory):
     """`kve fit` on digits for 6 steps with one validation: returns (run dir, checkpoint path)."""
     root = tmp_path_factory.mktemp("fit")
-    cli_main([
-        "fit", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS,
-        f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
-        "--trainer.max_steps=6", "--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
-        "--trainer.check_val_every_n_epoch=1", "--trainer.log_every_n_steps=1",
-        "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
-        "--data.batch_size=16",
-    ])
+    cwd = os.getcwd()
+    os.chdir(root)  # the config writes runs/digits/... relative to the working directory
+    try:
+        cli_main([
+            "fit", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS,
+            "--trainer.max_steps=6", "--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
+            "--trainer.check_val_every_n_epoch=1", "--trainer.log_every_n_steps=1",
+            "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+            "--data.batch_size=16",
+        ])
+    finally:
+        os.chdir(cwd)
     ckpts = sorted(root.rglob("last.ckpt"))
-    assert len(ckpts) == 1, list(root.rglob("*"))
+    assert ckpts == [root / "runs" / "digits" / "checkpoints" / "last.ckpt"], list(root.rglob("*"))
     return root, ckpts[0]

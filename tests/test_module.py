@@ -81,3 +81,39 @@ def test_short_training_run_lowers_validation_loss(tmp_path):
     trainer.fit(module, data)
     last = trainer.validate(module, data, verbose=False)[0]["val/loss"]
     assert math.isfinite(last) and last < 0.6 * first, (first, last)
+
+
+class PoisonedLoader(torch.utils.data.Dataset):
+    """Digits-like batches; the items listed in ``nan_items`` are NaN."""
+
+    def __init__(self, n, nan_items):
+        self.x = torch.rand(n, 1, 8, 8) * 2 - 1
+        self.x[list(nan_items)] = float("nan")
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def _fit(module, dataset, steps):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=False)
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, loader)
+
+
+def test_non_finite_batch_is_skipped():
+    module = tiny_module(warmup_steps=0)
+    with pytest.warns(UserWarning, match=r"non-finite loss or gradient at step 1 \(sigma of non-finite losses: \["):
+        _fit(module, PoisonedLoader(16, nan_items=[5]), steps=4)  # batch 1 holds the NaN
+    assert module.skipped_steps == 1 and module.consecutive_bad_steps == 0
+    assert all(p.isfinite().all() for p in module.parameters())
+
+
+def test_consecutive_non_finite_steps_stop_with_error():
+    module = tiny_module(max_bad_steps=3)
+    with pytest.raises(FloatingPointError, match="3 consecutive steps"):
+        _fit(module, PoisonedLoader(32, nan_items=range(32)), steps=8)
+    assert all(p.isfinite().all() for p in module.parameters())

@@ -1,9 +1,11 @@
-"""Checkpoint -> PNGs, without a config: the EMA weights a checkpoint holds, the stochastic Karras VE sampler.
+"""Checkpoint or exported folder -> PNGs, without a config: the EMA weights, the stochastic Karras VE sampler.
 
     python scripts/sample.py --ckpt runs/digits/version_0/checkpoints/last.ckpt --out samples --seeds 0-63 --grid
+    python scripts/sample.py --model exported/digits --out samples --seeds 0-63 --grid
 
 Writes {seed:06d}.png per seed (and grid.png with --grid), the same bytes as `kve predict` for the same seeds and
-sampler settings. Sampler flags override the settings stored in the checkpoint.
+sampler settings, from a checkpoint (--ckpt, a pickle: trusted sources only) or from a folder written by
+scripts/export_diffusers.py (--model: safetensors and JSON, no pickle). Sampler flags override the stored settings.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -18,7 +21,10 @@ from tqdm import tqdm
 from kve_lightning.data import parse_seeds
 from kve_lightning.images import prepare_output_dir, save_grid, save_png, seed_path
 from kve_lightning.module import KarrasVeModule, to_unit
+from kve_lightning.pipeline import KarrasVeLightningPipeline
 from kve_lightning.sampling import SCHEDULES, SOLVERS
+
+Sampler = Callable[[list[int], dict[str, Any]], torch.Tensor]
 
 
 def load_module(ckpt: str | Path, device: torch.device) -> KarrasVeModule:
@@ -33,9 +39,40 @@ def load_module(ckpt: str | Path, device: torch.device) -> KarrasVeModule:
     return module.eval()
 
 
+def load_pipeline(model_dir: str | Path, device: torch.device) -> KarrasVeLightningPipeline:
+    """The pipeline an exported folder holds, read from safetensors and JSON only (``use_safetensors=True``)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
+    try:
+        pipe = KarrasVeLightningPipeline.from_pretrained(path, use_safetensors=True)
+    except Exception as err:  # missing parts, corrupt JSON or safetensors, another pipeline's folder
+        raise ValueError(f"cannot load model folder {str(path)!r}: {err}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_sampler(args: argparse.Namespace) -> Sampler:
+    """``(seeds, overrides) -> images`` [B, C, H, W] in [0, 1], from --ckpt or --model (the same images)."""
+    device = torch.device(args.device)
+    if args.ckpt is not None:
+        module = load_module(args.ckpt, device)
+        return lambda seeds, overrides: to_unit(module.sample(seeds, **overrides))
+    pipe = load_pipeline(args.model, device)
+
+    def sample(seeds: list[int], overrides: dict[str, Any]) -> torch.Tensor:
+        overrides = dict(overrides)
+        steps = overrides.pop("num_steps", pipe.scheduler.config.num_steps)
+        return pipe(seeds=seeds, num_inference_steps=steps, output_type="pt", **overrides).images
+
+    return sample
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by `kve fit`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="a checkpoint written by `kve fit` (a pickle: trusted sources only)")
+    source.add_argument("--model", help="a folder written by scripts/export_diffusers.py (no pickle)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--seeds", default="0-63", help='seeds, e.g. "0-63" or "0-9,20" (default 0-63)')
     p.add_argument("--batch-size", type=int, default=64)
@@ -53,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         seeds = parse_seeds(args.seeds)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        module = load_module(args.ckpt, torch.device(args.device))
+        sample = load_sampler(args)
         out = prepare_output_dir(args.out)
     except (ValueError, OSError) as err:
-        p.exit(2, f"error: {err}\n")
+        p.exit(2, f"error: {' '.join(str(err).split())}\n")
     overrides = {k: v for k, v in dict(num_steps=args.steps, schedule=args.schedule, solver=args.solver,
                                        s_churn=args.s_churn, s_min=args.s_min, s_max=args.s_max,
                                        s_noise=args.s_noise).items() if v is not None}
@@ -64,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         for start in range(0, len(seeds), args.batch_size):
             batch = seeds[start:start + args.batch_size]
             try:
-                images = to_unit(module.sample(batch, **overrides))
+                images = sample(batch, overrides)
             except ValueError as err:
                 p.exit(2, f"error: {err}\n")
             for seed, image in zip(batch, images):

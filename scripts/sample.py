@@ -20,23 +20,12 @@ from tqdm import tqdm
 
 from kve_lightning.data import parse_seeds
 from kve_lightning.images import prepare_output_dir, save_grid, save_png, seed_path
-from kve_lightning.module import KarrasVeModule, to_unit
+from kve_lightning.export import load_checkpoint_module
+from kve_lightning.module import to_unit
 from kve_lightning.pipeline import KarrasVeLightningPipeline
 from kve_lightning.sampling import SCHEDULES, SOLVERS
 
 Sampler = Callable[[list[int], dict[str, Any]], torch.Tensor]
-
-
-def load_module(ckpt: str | Path, device: torch.device) -> KarrasVeModule:
-    """The module a checkpoint holds (its ``state_dict``: the EMA weights when trained with EMA)."""
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        module = KarrasVeModule.load_from_checkpoint(path, map_location=device, weights_only=True)
-    except Exception as err:  # truncated files, pickles of other objects, checkpoints of other models
-        raise ValueError(f"{str(path)!r} is not a readable kve-lightning checkpoint: {err}") from None
-    return module.eval()
 
 
 def load_pipeline(model_dir: str | Path, device: torch.device) -> KarrasVeLightningPipeline:
@@ -56,7 +45,7 @@ def load_sampler(args: argparse.Namespace) -> Sampler:
     """``(seeds, overrides) -> images`` [B, C, H, W] in [0, 1], from --ckpt or --model (the same images)."""
     device = torch.device(args.device)
     if args.ckpt is not None:
-        module = load_module(args.ckpt, device)
+        module = load_checkpoint_module(args.ckpt).to(device)
         return lambda seeds, overrides: to_unit(module.sample(seeds, **overrides))
     pipe = load_pipeline(args.model, device)
 

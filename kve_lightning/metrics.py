@@ -1,0 +1,167 @@
+"""FID (Heusel et al. 2017) through torchmetrics' ``FrechetInceptionDistance``, on pluggable feature networks.
+
+Images are float tensors in [-1, 1], any size, 1 or 3 channels. ``features="inception"`` is the standard
+InceptionV3 pool3 space (2048-d; needs torch-fidelity and its weights); ``features="digits"`` ("FID-digits",
+the offline default) is the 64-d penultimate layer of ``DigitsFeatureNet``, a small CNN classifier of
+scikit-learn's 8 x 8 digits shipped as package data. FID-digits numbers are comparable with each other only,
+never with published Inception FIDs.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+
+FEATURES = ("digits", "inception")
+DIGITS_WEIGHTS = Path(__file__).parent / "assets" / "digits_features.safetensors"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")  # what torch-fidelity downloads
+
+
+# ---------------------------------------------------------------- the digits data set and its feature network
+
+
+def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1797 digits as [N, 1, 8, 8] float32 images in [-1, 1] (pixels 0..16) and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 8 - 1
+    return x, torch.as_tensor(digits.target)
+
+
+def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed stratified 80/20 train/held-out split of ``digits_images()``: x_train, y_train, x_test, y_test."""
+    from sklearn.model_selection import train_test_split
+
+    x, y = digits_images()
+    train, test = train_test_split(torch.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
+    return x[train], y[train], x[test], y[test]
+
+
+class DigitsFeatureNet(nn.Module):
+    """CNN classifier of 8 x 8 digits; ``forward`` gives its 64-d penultimate features, ``head`` the 10 logits.
+
+    Inputs in [-1, 1] of any size and channel count are averaged to one channel and area-resized to 8 x 8 first.
+    """
+
+    num_features = 64
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4 x 4
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 2 x 2
+            nn.Flatten(), nn.Linear(256, self.num_features), nn.ReLU(),
+        )
+        self.head = nn.Linear(self.num_features, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().mean(1, keepdim=True)
+        if x.shape[-2:] != (8, 8):
+            x = F.interpolate(x, size=(8, 8), mode="area")
+        return self.body(x)
+
+
+def digits_feature_net(path: str | Path = DIGITS_WEIGHTS) -> DigitsFeatureNet:
+    """The trained ``DigitsFeatureNet`` (``scripts/train_digits_features.py``), frozen, in eval mode."""
+    net = DigitsFeatureNet()
+    net.load_state_dict(load_file(str(path)))
+    return net.requires_grad_(False).eval()
+
+
+# ---------------------------------------------------------------- InceptionV3
+
+
+class InceptionFeatures(nn.Module):
+    """torchmetrics' InceptionV3 (2048-d pool3) on [-1, 1] images: uint8 RGB as in EDM's ``x * 127.5 + 128``."""
+
+    num_features = 2048
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+        return self.net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
+
+
+def inception_features(timeout: float = 20.0) -> InceptionFeatures:
+    """InceptionV3 features; raises ``RuntimeError`` quickly when torch-fidelity or the weights are missing.
+
+    torch-fidelity downloads the weights once into ``torch.hub.get_dir()/checkpoints``; ``timeout`` bounds each
+    socket operation of that download so an offline machine fails instead of hanging.
+    """
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
+    how = (f"It needs `pip install torch-fidelity` and the weights file at {cache}: on a connected machine, `python -c "
+           f"\"from kve_lightning.metrics import inception_features; inception_features()\"` downloads it there (from "
+           f"{INCEPTION_URL}); copy it across for offline use. features='digits' needs no download.")
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"features='inception' needs torch-fidelity, which is not installed. {how}") from e
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+    except OSError as e:
+        raise RuntimeError(f"could not load the InceptionV3 weights for features='inception' ({e}). {how}") from e
+    finally:
+        socket.setdefaulttimeout(previous)
+    return InceptionFeatures(net)
+
+
+# ---------------------------------------------------------------- FID
+
+
+def feature_net(features: str = "digits") -> nn.Module:
+    """The feature extractor named ``features``: ``"digits"`` or ``"inception"``."""
+    if features == "digits":
+        return digits_feature_net()
+    if features == "inception":
+        return inception_features()
+    raise ValueError(f"unknown features={features!r}; expected one of {FEATURES}")
+
+
+@torch.no_grad()
+def build_fid(
+    real: torch.Tensor | None = None,
+    features: str = "digits",
+    batch_size: int = 500,
+    device: torch.device | str | None = None,
+) -> FrechetInceptionDistance:
+    """A torchmetrics FID on ``features`` whose real statistics survive ``reset()`` (``reset_real_features=False``).
+
+    With ``real`` (images in [-1, 1]) they are accumulated here, once, in batches of ``batch_size``; afterwards
+    ``update(fake, real=False)`` / ``compute()`` / ``reset()`` touch the fake statistics only.
+    """
+    fid = FrechetInceptionDistance(feature=feature_net(features), reset_real_features=False).to(device)
+    if real is not None:
+        for batch in real.split(batch_size):
+            fid.update(batch.to(fid.device), real=True)
+    return fid
+
+
+@torch.no_grad()
+def fid_from_images(real: torch.Tensor, fake: torch.Tensor, features: str = "digits", batch_size: int = 500) -> float:
+    """FID between two sets of images in [-1, 1]."""
+    fid = build_fid(real, features, batch_size)
+    for batch in fake.split(batch_size):
+        fid.update(batch, real=False)
+    return fid.compute().item()
+
+
+def digits_fid_floor(seed: int = 0) -> float:
+    """FID-digits between two disjoint random halves of the digits data set: the real-vs-real floor at n ~ 900."""
+    x, _ = digits_images()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    half = len(x) // 2
+    return fid_from_images(x[perm[:half]], x[perm[half : 2 * half]])

@@ -29,21 +29,21 @@ class GaussianMixture:
     def responsibilities(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """r_k(x; sigma), shape [B, K]."""
         x = x.double().flatten(1)
-        var = self.stds[None] ** 2 + sigma.double().reshape(-1, 1) ** 2  # [B, K]
-        sq = ((x[:, None] - self.means.flatten(1)[None].to(x.device)) ** 2).sum(-1)  # [B, K]
-        dim = x.shape[1]
-        log_p = self.weights.log().to(x.device) - 0.5 * sq / var - 0.5 * dim * var.log()
+        mu = self.means.flatten(1).to(x.device)
+        var = self.stds.to(x.device)[None] ** 2 + sigma.double().reshape(-1, 1) ** 2  # [B, K]
+        sq = (x**2).sum(1, keepdim=True) - 2 * x @ mu.T + (mu**2).sum(1)[None]  # ||x - mu_k||^2, [B, K]
+        log_p = self.weights.log().to(x.device) - 0.5 * sq / var - 0.5 * x.shape[1] * var.log()
         return torch.softmax(log_p, dim=1)
 
     def denoiser(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """D(x; sigma) = E[y | y + sigma n = x], exactly."""
+        """D(x; sigma) = E[y | y + sigma n = x] = sum_k r_k (mu_k + shrink_k (x - mu_k)), exactly."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0])
         r = self.responsibilities(x, sigma)  # [B, K]
         var = self.stds.to(x.device)[None] ** 2  # [1, K]
         shrink = var / (var + sigma.reshape(-1, 1) ** 2)  # [B, K]
         xf, mu = x.double().flatten(1), self.means.flatten(1).to(x.device)
-        d_k = mu[None] + shrink[..., None] * (xf[:, None] - mu[None])  # [B, K, dim]
-        return (r[..., None] * d_k).sum(1).reshape(x.shape).to(x.dtype)
+        D = (r * shrink).sum(1, keepdim=True) * xf + (r * (1 - shrink)) @ mu
+        return D.reshape(x.shape).to(x.dtype)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """n exact draws (float64) and their component labels."""

@@ -8,6 +8,7 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 
 from kve_lightning.data import ImageDataModule
+from kve_lightning.export import read_checkpoint
 from kve_lightning.images import PNGWriter
 from kve_lightning.module import KarrasVeModule
 
@@ -19,6 +20,16 @@ class KveCLI(LightningCLI):
         parser.link_arguments("data.channels", "model.channels")
         # `kve predict` writes {seed:06d}.png and grid.png into --writer.output_dir
         parser.add_lightning_class_args(PNGWriter, "writer")
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then check a ``--ckpt_path`` file (``read_checkpoint``: a clear error for a truncated or foreign
+        file) before LightningCLI reads its hyper-parameters, which then replace the configured model's.
+        Lightning resolves ``last``, ``best``, ``hpc`` and remote paths itself."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc") and "://" not in str(ckpt_path):
+            read_checkpoint(ckpt_path)
 
     def predict(self, **kwargs) -> None:
         """Predictions go to disk batch by batch; none are kept in memory unless asked for."""
@@ -38,7 +49,7 @@ def cli_main(args: list[str] | None = None) -> None:
     except (ValueError, OSError) as err:
         if os.environ.get("KVE_TRACEBACK") == "1":
             raise
-        print(f"kve: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"kve: error: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
 
 

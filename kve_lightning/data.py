@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 from torchvision import transforms
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")
@@ -73,16 +74,37 @@ class ImagesOnly(Dataset):
         return self.dataset[i][0]
 
 
-class ImageFolder(Dataset):
-    """Every PIL-readable image under ``root``, recursively, sorted by path."""
+def is_readable_image(path: Path) -> bool:
+    """Whether PIL decodes the whole file (truncated or corrupt files raise while loading)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... for corrupt files
+        return False
 
-    def __init__(self, root: str | Path, transform):
+
+class ImageFolder(Dataset):
+    """Every image under ``root`` (recursively, sorted by path), each decoded once here: unreadable or truncated
+    files are a ``ValueError`` listing them all, or are left out with a warning when ``skip_bad_images``."""
+
+    def __init__(self, root: str | Path, transform, skip_bad_images: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"data folder {str(root)!r} does not exist or is not a directory")
-        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not self.paths:
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not paths:
             raise ValueError(f"data folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        readable = {p: is_readable_image(p) for p in paths}
+        bad = [p for p, ok in readable.items() if not ok]
+        listing = f"{len(bad)} unreadable or truncated image(s) in data folder {str(root)!r}: {[str(p) for p in bad]}"
+        if bad and not skip_bad_images:
+            raise ValueError(f"{listing}; remove them or set skip_bad_images: true (--data.skip_bad_images true)")
+        if bad:
+            rank_zero_warn(f"{listing}: left out (skip_bad_images)")
+        self.paths = [p for p, ok in readable.items() if ok]
+        if not self.paths:
+            raise ValueError(f"data folder {str(root)!r} holds no readable images")
         self.transform = transform
 
     def __len__(self) -> int:
@@ -107,8 +129,29 @@ class FlipDataset(Dataset):
         return x.flip(-1) if torch.rand(()) < 0.5 else x
 
 
+class EpochShuffle(RandomSampler):
+    """A random order per epoch that depends on ``seed`` and the epoch only, not on the global torch generator, so
+    a run resumed at an epoch boundary sees the same order as an uninterrupted one. Lightning calls ``set_epoch``
+    before every epoch (and swaps in its own epoch-seeded ``DistributedSampler`` under DDP)."""
+
+    def __init__(self, data_source: Dataset, seed: int):
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        self.generator = torch.Generator().manual_seed((self.seed + self.epoch) % 2**64)
+        return super().__iter__()
+
+
 class ImageDataModule(L.LightningDataModule):
     """Images scaled to [-1, 1], a deterministic validation split, and a predict loader over integer seeds.
+
+    The training order is reshuffled every epoch from a seed (torch's initial seed, i.e. ``seed_everything``'s,
+    when training starts), kept in checkpoints: resuming from an end-of-epoch checkpoint replays the same order.
 
     Args:
         dataset: ``"digits"`` (scikit-learn's 8x8 digits, offline; default), ``"mnist"``, ``"fashion_mnist"``,
@@ -119,6 +162,10 @@ class ImageDataModule(L.LightningDataModule):
         hflip: random horizontal flips in training.
         val_fraction, split_seed: the validation split, the same for every run with the same seed.
         predict_seeds: seeds to sample in ``predict`` (``"0-63"``, ``"0-9,20"`` or a list).
+        skip_bad_images: train without the unreadable or truncated files of a ``"folder"`` data set (with a
+            warning that lists them) instead of stopping with an error that lists them.
+
+    ``skip_seeds``: seeds ``predict`` leaves out of its batches (``PNGWriter`` sets those whose PNG exists).
     """
 
     def __init__(
@@ -135,6 +182,7 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = False,
         predict_seeds: str | list[int] = "0-63",
         predict_batch_size: int = 64,
+        skip_bad_images: bool = False,
     ):
         super().__init__()
         if dataset not in DATASETS:
@@ -152,6 +200,8 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got val_fraction={val_fraction}")
         self.save_hyperparameters()
         self.seeds = parse_seeds(predict_seeds)
+        self.skip_seeds: set[int] = set()
+        self.shuffle_seed: int | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -183,7 +233,7 @@ class ImageDataModule(L.LightningDataModule):
         if hp.dataset == "digits":
             return ImagesOnly(TensorDataset(digits_images(hp.image_size, hp.channels)))
         if hp.dataset == "folder":
-            return ImageFolder(hp.root, self._transform())
+            return ImageFolder(hp.root, self._transform(), hp.skip_bad_images)
         try:
             data = self._torchvision_class()(hp.root, train=True, download=False, transform=self._transform())
         except RuntimeError as err:
@@ -208,8 +258,13 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set = FlipDataset(train) if hp.hflip else train
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        """A loader with its own generator (for worker seeds): creating its iterators leaves the global one alone."""
         hp = self.hparams
-        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+        if self.shuffle_seed is None:
+            self.shuffle_seed = torch.initial_seed()
+        return DataLoader(dataset, batch_size=hp.batch_size, num_workers=hp.num_workers,
+                          sampler=EpochShuffle(dataset, self.shuffle_seed) if shuffle else None,
+                          generator=torch.Generator().manual_seed(self.shuffle_seed % 2**64),
                           drop_last=shuffle and len(dataset) >= hp.batch_size,
                           persistent_workers=hp.num_workers > 0)
 
@@ -222,3 +277,20 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(torch.tensor(self.seeds, dtype=torch.long), batch_size=self.hparams.predict_batch_size,
                           shuffle=False)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """In ``predict``, drop the seeds of ``skip_seeds`` from a batch of seeds (possibly leaving it empty).
+
+        The loader itself keeps every seed, so the predict hooks (``PNGWriter``'s checks) run even when nothing
+        is left to sample, and its batches, hence each rank's share, do not depend on the files present."""
+        if self.trainer is not None and self.trainer.predicting and self.skip_seeds:
+            keep = torch.tensor([int(s) not in self.skip_seeds for s in batch], dtype=torch.bool)
+            return batch[keep]
+        return batch
+
+    def state_dict(self) -> dict:
+        """The training order's seed, so that a resumed run shuffles as the interrupted one did."""
+        return {} if self.shuffle_seed is None else {"shuffle_seed": self.shuffle_seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)

@@ -19,9 +19,10 @@ from kve_lightning.module import KarrasVeModule
 from kve_lightning.pipeline import KarrasVeLightningPipeline, KarrasVeLightningScheduler
 
 
-def load_checkpoint_module(ckpt: str | Path) -> KarrasVeModule:
-    """The ``KarrasVeModule`` a checkpoint holds, read with ``torch.load(weights_only=True)`` (no arbitrary
-    unpickling); a ``ValueError`` naming the file if it is unreadable or not a kve-lightning checkpoint."""
+def read_checkpoint(ckpt: str | Path) -> dict:
+    """A `kve fit` checkpoint, read with ``torch.load(weights_only=True)`` (no arbitrary unpickling); a
+    ``FileNotFoundError`` or ``ValueError`` naming the file if it is missing, unreadable or not a kve-lightning
+    checkpoint (no ``denoiser.unet.*`` weights in ``state_dict`` or no ``hyper_parameters``)."""
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -37,6 +38,15 @@ def load_checkpoint_module(ckpt: str | Path) -> KarrasVeModule:
             k.startswith("denoiser.unet.") for k in state):
         raise ValueError(f"{str(path)!r} is not a kve-lightning checkpoint: it has no denoiser.unet.* weights "
                          f"in state_dict or no hyper_parameters")
+    return checkpoint
+
+
+def load_checkpoint_module(ckpt: str | Path) -> KarrasVeModule:
+    """The ``KarrasVeModule`` a checkpoint holds (``read_checkpoint``); a ``ValueError`` naming the file if its
+    hyper-parameters and weights do not make one."""
+    path = Path(ckpt)
+    checkpoint = read_checkpoint(path)
+    state, hparams = checkpoint["state_dict"], checkpoint["hyper_parameters"]
     try:
         module = KarrasVeModule(**{k: v for k, v in hparams.items() if not k.startswith("_")})
         module.load_state_dict(state)

@@ -1,18 +1,35 @@
-"""Writing samples as PNG files: one per seed, ``{seed:06d}.png``, plus a grid; the same bytes from every entry point."""
+"""Writing samples as PNG files: one per seed, ``{seed:06d}.png``, plus a grid; the same bytes from every entry point.
+
+A sample folder also holds ``manifest.json``: the weights' SHA-256, the image size and channel count, and the sampler
+settings. Every writer (``kve predict``, ``scripts/sample.py --ckpt`` or ``--model``) refuses a folder whose manifest
+differs from its own, so one folder never mixes images of different models or settings, and it can skip the seeds
+whose PNG is already there: an interrupted run resumes where it stopped, whichever entry point wrote the folder.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torchvision.utils import make_grid
+
+from kve_lightning.sampling import check_churn_and_solver, karras_ve_sigmas
+
+MANIFEST = "manifest.json"
+# what this module writes: seed PNGs, the grid, the manifest, and save_atomic's temporary files
+SEED_PNG = re.compile(r"\d{6,}\.png")
+TEMP_FILE = re.compile(r"\.(?:\d{6,}\.png|grid\.png|manifest\.json)\.\w+\.tmp")
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -21,18 +38,24 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array, mode="L" if array.shape[-1] == 1 else "RGB")
 
 
-def save_png(image: torch.Tensor | Image.Image, path: str | Path) -> None:
-    """Write atomically (temporary file, then rename): a kill never leaves a truncated PNG behind."""
+def save_atomic(path: str | Path, write: Callable[[Any], None]) -> None:
+    """``write(binary file)`` into a temporary file beside ``path``, then rename it to ``path``: a reader (or a
+    killed writer) never sees a partial file. A kill can leave the temporary ``.NAME.*.tmp`` behind."""
     path = Path(path)
-    pil = image if isinstance(image, Image.Image) else to_pil(image)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            pil.save(f, format="PNG")
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_png(image: torch.Tensor | Image.Image, path: str | Path) -> None:
+    """Write atomically (``save_atomic``): a kill never leaves a truncated PNG behind."""
+    pil = image if isinstance(image, Image.Image) else to_pil(image)
+    save_atomic(path, lambda f: pil.save(f, format="PNG"))
 
 
 def seed_path(out_dir: str | Path, seed: int) -> Path:
@@ -50,6 +73,75 @@ def prepare_output_dir(out_dir: str | Path) -> Path:
     return out
 
 
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over a model's state dict (names, dtypes, shapes and bytes, sorted by name): the same for a UNet
+    read from a checkpoint or from its exported safetensors."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def sample_manifest(unet: torch.nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
+    """The identity of a sample folder's images: the UNet's weights, image size and channels, and the sampler
+    settings (``sample_karras_ve``'s, plus ``rho`` of the edm schedule); a ``ValueError`` for invalid settings."""
+    s = {"rho": inspect.signature(karras_ve_sigmas).parameters["rho"].default} | dict(settings)
+    karras_ve_sigmas(s["num_steps"], s["sigma_min"], s["sigma_max"], s["schedule"], s["rho"])
+    check_churn_and_solver(s["s_churn"], s["s_min"], s["s_max"], s["s_noise"], s["solver"])
+    sampler = {"num_steps": int(s["num_steps"]), "schedule": str(s["schedule"]), "solver": str(s["solver"])} | {
+        k: float(s[k]) for k in ("sigma_min", "sigma_max", "rho", "s_churn", "s_min", "s_max", "s_noise")}
+    return {"kve_lightning_samples": 1, "weights_sha256": weights_sha256(unet),
+            "image_size": int(unet.config.sample_size), "channels": int(unet.config.in_channels),
+            "sampler": dict(sorted(sampler.items()))}
+
+
+def _flatten(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in manifest.items() if k != "sampler"} | dict(manifest.get("sampler", {}))
+
+
+def check_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """A ``ValueError`` unless ``out_dir`` may take images of ``manifest``: its ``manifest.json`` is the same, or
+    it has none and holds no seed PNGs (images of unknown origin). Changes nothing."""
+    out = Path(out_dir)
+    path = out / MANIFEST
+    if not path.exists():
+        if any(SEED_PNG.fullmatch(p.name) for p in out.iterdir()):
+            raise ValueError(f"output folder {str(out)!r} holds seed PNGs but no {MANIFEST}: refusing to add images "
+                             f"of possibly other weights or settings; use a new folder")
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {str(path)!r} ({err}); use a new folder") from None
+    if old == manifest:
+        return
+    old, new = _flatten(old if isinstance(old, dict) else {}), _flatten(manifest)
+    diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]
+    raise ValueError(f"output folder {str(out)!r} holds samples of other weights or settings ({'; '.join(diff)}); "
+                     f"use a new folder (or the settings of its {MANIFEST})")
+
+
+def open_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """After ``check_sample_folder``: write ``manifest.json`` (atomically) if missing and delete the temporary
+    files a killed writer left. Only one process may call it, before any image of this run is written."""
+    out = Path(out_dir)
+    if not (out / MANIFEST).exists():
+        payload = (json.dumps(manifest, indent=2) + "\n").encode()
+        save_atomic(out / MANIFEST, lambda f: f.write(payload))
+    for p in out.iterdir():
+        if TEMP_FILE.fullmatch(p.name):
+            p.unlink(missing_ok=True)
+
+
+def existing_seeds(out_dir: str | Path, seeds: Sequence[int]) -> set[int]:
+    """The seeds of ``seeds`` whose PNG is in ``out_dir`` (complete: PNGs are written atomically)."""
+    names = set(os.listdir(out_dir))
+    return {s for s in seeds if seed_path(out_dir, s).name in names}
+
+
 def save_grid(out_dir: str | Path, seeds: Sequence[int], max_images: int = 256) -> Path:
     """``grid.png`` from the first ``max_images`` seeds' PNGs, read back from ``out_dir`` (memory stays flat)."""
     seeds = list(seeds)[:max_images]
@@ -65,20 +157,41 @@ class PNGWriter(BasePredictionWriter):
     """Writes each predicted image as ``{seed:06d}.png`` as its batch ends (nothing kept in memory), then
     ``grid.png`` on rank 0 once every rank is done.
 
+    Before the first batch, the folder's ``manifest.json`` must match the model's weights and sampler settings
+    (or be absent, in a folder without seed PNGs, and then it is written): a ``ValueError`` otherwise, with nothing
+    written. With ``skip_existing``, the data module (``ImageDataModule.skip_seeds``) leaves out the seeds whose
+    PNG is there, so an interrupted ``kve predict`` or ``scripts/sample.py`` run resumes where it stopped.
+
     Args:
         output_dir: the folder for the PNGs (created if missing).
         grid: also write ``grid.png`` of the first ``grid_max_images`` seeds.
+        skip_existing: do not sample again the seeds whose PNG exists (``false``: sample and rewrite them).
     """
 
-    def __init__(self, output_dir: str = "samples", grid: bool = True, grid_max_images: int = 256):
+    def __init__(self, output_dir: str = "samples", grid: bool = True, grid_max_images: int = 256,
+                 skip_existing: bool = True):
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.grid = grid
         self.grid_max_images = grid_max_images
+        self.skip_existing = skip_existing
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "predict":
             prepare_output_dir(self.output_dir)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        """Check the folder on every rank, then rank 0 writes the manifest and clears stale temporary files, then
+        (after a barrier: no rank writes before) each rank marks the seeds already done. The checkpoint's weights
+        are loaded by now."""
+        manifest = sample_manifest(pl_module.denoiser.unet, pl_module.sampler_settings)
+        check_sample_folder(self.output_dir, manifest)
+        if trainer.is_global_zero:
+            open_sample_folder(self.output_dir, manifest)
+        trainer.strategy.barrier()
+        datamodule = trainer.datamodule
+        if hasattr(datamodule, "skip_seeds"):
+            datamodule.skip_seeds = existing_seeds(self.output_dir, datamodule.seeds) if self.skip_existing else set()
 
     def write_on_batch_end(self, trainer, pl_module, prediction: torch.Tensor, batch_indices, batch: torch.Tensor,
                            batch_idx: int, dataloader_idx: int) -> None:

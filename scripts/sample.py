@@ -4,8 +4,13 @@
     python scripts/sample.py --model exported/digits --out samples --seeds 0-63 --grid
 
 Writes {seed:06d}.png per seed (and grid.png with --grid), the same bytes as `kve predict` for the same seeds and
-sampler settings, from a checkpoint (--ckpt, a pickle: trusted sources only) or from a folder written by
-scripts/export_diffusers.py (--model: safetensors and JSON, no pickle). Sampler flags override the stored settings.
+sampler settings, from a checkpoint (--ckpt, a pickle read weights-only: trust only your own) or from a folder
+written by scripts/export_diffusers.py (--model: safetensors and JSON, no pickle). Sampler flags override the stored
+settings.
+
+Each PNG is written atomically, and the folder's manifest.json records the weights' SHA-256, the image size and the
+sampler settings (the same manifest as `kve predict`'s). Rerun an interrupted command and it samples only the seeds
+whose PNG is missing (--no-skip-existing: all of them again); a folder whose manifest differs is refused (exit 2).
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ import torch
 from tqdm import tqdm
 
 from kve_lightning.data import parse_seeds
-from kve_lightning.images import prepare_output_dir, save_grid, save_png, seed_path
+from kve_lightning.images import (check_sample_folder, existing_seeds, open_sample_folder, prepare_output_dir,
+                                  sample_manifest, save_grid, save_png, seed_path)
 from kve_lightning.export import load_checkpoint_module
 from kve_lightning.module import to_unit
 from kve_lightning.pipeline import KarrasVeLightningPipeline
 from kve_lightning.sampling import SCHEDULES, SOLVERS
 
-Sampler = Callable[[list[int], dict[str, Any]], torch.Tensor]
+Sampler = Callable[[list[int]], torch.Tensor]
+SETTINGS = ("num_steps", "schedule", "solver", "sigma_min", "sigma_max", "rho", "s_churn", "s_min", "s_max",
+            "s_noise")
 
 
 def load_pipeline(model_dir: str | Path, device: torch.device) -> KarrasVeLightningPipeline:
@@ -41,20 +49,20 @@ def load_pipeline(model_dir: str | Path, device: torch.device) -> KarrasVeLightn
     return pipe.to(device)
 
 
-def load_sampler(args: argparse.Namespace) -> Sampler:
-    """``(seeds, overrides) -> images`` [B, C, H, W] in [0, 1], from --ckpt or --model (the same images)."""
+def load_sampler(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Sampler, dict[str, Any]]:
+    """``seeds -> images`` [B, C, H, W] in [0, 1] from --ckpt or --model (the same images) with the sampler
+    ``overrides``, and the manifest of those images (a ``ValueError`` for invalid settings)."""
     device = torch.device(args.device)
     if args.ckpt is not None:
         module = load_checkpoint_module(args.ckpt).to(device)
-        return lambda seeds, overrides: to_unit(module.sample(seeds, **overrides))
+        manifest = sample_manifest(module.denoiser.unet, module.sampler_settings | overrides)
+        return lambda seeds: to_unit(module.sample(seeds, **overrides)), manifest
     pipe = load_pipeline(args.model, device)
-
-    def sample(seeds: list[int], overrides: dict[str, Any]) -> torch.Tensor:
-        overrides = dict(overrides)
-        steps = overrides.pop("num_steps", pipe.scheduler.config.num_steps)
-        return pipe(seeds=seeds, num_inference_steps=steps, output_type="pt", **overrides).images
-
-    return sample
+    config = dict(pipe.scheduler.config)
+    manifest = sample_manifest(pipe.unet, {k: config[k] for k in SETTINGS} | overrides)
+    kwargs = dict(overrides)
+    steps = kwargs.pop("num_steps", config["num_steps"])
+    return lambda seeds: pipe(seeds=seeds, num_inference_steps=steps, output_type="pt", **kwargs).images, manifest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,32 +81,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--s-max", type=float)
     p.add_argument("--s-noise", type=float)
     p.add_argument("--grid", action="store_true", help="also write grid.png")
+    p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave out the seeds whose PNG is already in --out (default); a folder of other weights or "
+                        "settings is refused either way")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    overrides = {k: v for k, v in dict(num_steps=args.steps, schedule=args.schedule, solver=args.solver,
+                                       s_churn=args.s_churn, s_min=args.s_min, s_max=args.s_max,
+                                       s_noise=args.s_noise).items() if v is not None}
     try:
         seeds = parse_seeds(args.seeds)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        sample = load_sampler(args)
+        sample, manifest = load_sampler(args, overrides)
         out = prepare_output_dir(args.out)
+        check_sample_folder(out, manifest)
     except (ValueError, OSError) as err:
         p.exit(2, f"error: {' '.join(str(err).split())}\n")
-    overrides = {k: v for k, v in dict(num_steps=args.steps, schedule=args.schedule, solver=args.solver,
-                                       s_churn=args.s_churn, s_min=args.s_min, s_max=args.s_max,
-                                       s_noise=args.s_noise).items() if v is not None}
-    with tqdm(total=len(seeds), unit="img", desc="sampling") as bar:
-        for start in range(0, len(seeds), args.batch_size):
-            batch = seeds[start:start + args.batch_size]
-            try:
-                images = sample(batch, overrides)
-            except ValueError as err:
-                p.exit(2, f"error: {err}\n")
-            for seed, image in zip(batch, images):
+    open_sample_folder(out, manifest)
+    done = existing_seeds(out, seeds) if args.skip_existing else set()
+    todo = [s for s in seeds if s not in done]
+    with tqdm(total=len(seeds), initial=len(done), unit="img", desc="sampling") as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            for seed, image in zip(batch, sample(batch)):
                 save_png(image, seed_path(out, seed))
             bar.update(len(batch))
     if args.grid:
         save_grid(out, seeds)
-    print(f"wrote {len(seeds)} images to {out}", file=sys.stderr)
+    print(f"wrote {len(todo)} images to {out} ({len(done)} were there)", file=sys.stderr)
 
 
 if __name__ == "__main__":

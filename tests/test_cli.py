@@ -82,64 +82,6 @@ def test_sample_script_overrides_and_matches_module(trained_run, tmp_path):
         assert np.array_equal(np.asarray(im), expected.to(torch.uint8).numpy())
 
 
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["--seeds", "5-2"], "5-2"),
-        (["--seeds", "a"], "'a'"),
-        (["--seeds", "-1"], "-1"),
-        (["--batch-size", "0"], "batch-size"),
-    ],
-)
-def test_sample_script_bad_input(trained_run, tmp_path, capsys, args, needle):
-    _, ckpt = trained_run
-    with pytest.raises(SystemExit) as exit_info:
-        sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), *args])
-    assert exit_info.value.code != 0 and needle in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-
-
-def test_sample_script_missing_or_foreign_checkpoint(tmp_path, capsys):
-    foreign = tmp_path / "foreign.ckpt"
-    torch.save({"weights": torch.ones(2)}, foreign)
-    truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes(b"PK\x03\x04 not a whole file")
-    for ckpt in (tmp_path / "missing.ckpt", foreign, truncated):
-        with pytest.raises(SystemExit) as exit_info:
-            sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "o")])
-        err = capsys.readouterr().err
-        assert exit_info.value.code != 0 and ckpt.name in err, err
-        assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["--data.dataset=imagenet"], "imagenet"),
-        (["--data.image_size=9"], "image_size=9"),
-        (["--data.predict_seeds=5-2"], "5-2"),
-        (["--model.schedule=cosine"], "cosine"),
-        (["--data.dataset=folder", "--data.root=EMPTY"], "no images"),
-    ],
-)
-def test_cli_bad_input_names_the_value(tmp_path, capsys, monkeypatch, args, needle):
-    (tmp_path / "EMPTY").mkdir()
-    monkeypatch.chdir(tmp_path)
-    args = [a.replace("EMPTY", str(tmp_path / "EMPTY")) for a in args]
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS, *args,
-                  "--trainer.fast_dev_run=1"])
-    assert exit_info.value.code != 0
-    err = capsys.readouterr().err
-    assert needle in err and "Traceback" not in err, err[-2000:]
-
-
-def test_cli_missing_checkpoint(tmp_path):
-    proc = run_kve("predict", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS,
-                   f"--ckpt_path={tmp_path / 'nope.ckpt'}", "--trainer.logger=false", cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "nope.ckpt" in proc.stderr
-
-
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_build(config, tmp_path, monkeypatch):
     """Every shipped config parses and builds; the data's image size and channels reach the UNet."""

@@ -62,3 +62,26 @@ def test_predict_loader_yields_seeds_in_order():
     dm = ImageDataModule(predict_seeds="3-9", predict_batch_size=3)
     batches = list(dm.predict_dataloader())
     assert [b.tolist() for b in batches] == [[3, 4, 5], [6, 7, 8], [9]]
+
+
+def test_training_order_depends_on_the_stored_seed_and_epoch_only():
+    """Each epoch's order comes from (shuffle seed, epoch), not from the global generator, and the seed travels in
+    the data module's state_dict (checkpoints): a resumed run replays the interrupted run's order."""
+
+    def order(dm, epoch):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        torch.rand(7)  # the global generator's state does not matter
+        return torch.cat(list(loader)[:2])
+
+    torch.manual_seed(1)
+    first = ImageDataModule(batch_size=16)
+    first.setup("fit")
+    epoch0, epoch1 = order(first, 0), order(first, 1)
+    assert not torch.equal(epoch0, epoch1)
+    torch.manual_seed(2)
+    resumed = ImageDataModule(batch_size=16)
+    resumed.setup("fit")
+    assert not torch.equal(order(resumed, 1), epoch1)
+    resumed.load_state_dict(first.state_dict())
+    assert torch.equal(order(resumed, 1), epoch1) and torch.equal(order(first, 0), epoch0)

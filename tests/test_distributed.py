@@ -39,17 +39,22 @@ def test_ddp_fit_writes_each_file_once_and_samples(ddp_run):
 
 
 def test_ddp_predict_matches_single_process_byte_for_byte(ddp_run, tmp_path):
+    """Also when 2 ranks complete a folder that lacks some seeds (each rank skips the PNGs that exist)."""
     ckpt = ddp_run / "runs" / "digits" / "checkpoints" / "last.ckpt"
-    outputs = {}
-    for devices in (1, 2):
-        out = tmp_path / f"out{devices}"
+
+    def predict(devices, out):
         run_kve("predict", DIGITS, *TINY_MODEL_ARGS, f"--ckpt_path={ckpt}", *_ddp(devices), "--trainer.logger=false",
                 "--data.predict_seeds=0-6", "--data.predict_batch_size=2", f"--writer.output_dir={out}",
                 cwd=tmp_path)
-        outputs[devices] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-    # 7 seeds over 2 ranks: none lost, none duplicated, one grid
-    assert sorted(outputs[1]) == [f"{s:06d}.png" for s in range(7)] + ["grid.png"]
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    outputs = {devices: predict(devices, tmp_path / f"out{devices}") for devices in (1, 2)}
+    # 7 seeds over 2 ranks: none lost, none duplicated, one grid, the same manifest
+    assert sorted(outputs[1]) == [f"{s:06d}.png" for s in range(7)] + ["grid.png", "manifest.json"]
     assert outputs[2] == outputs[1]
+    for seed in (1, 4, 5):
+        (tmp_path / "out1" / f"{seed:06d}.png").unlink()
+    assert predict(2, tmp_path / "out1") == outputs[1]
 
 
 def _tiny(**kwargs):

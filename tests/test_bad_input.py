@@ -1,0 +1,131 @@
+"""Bad input to `kve fit`, `kve predict` and scripts/sample.py: a non-zero exit, a message that names the offending
+key, value or file, no traceback, and every file that was there before left as it was (nothing new either)."""
+
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, TINY_MODEL_ARGS, sample_script
+from kve_lightning import ImageDataModule
+from kve_lightning.cli import cli_main
+
+CONFIG = f"--config={REPO / 'configs' / 'digits.yaml'}"
+
+
+@pytest.fixture
+def inputs(tmp_path, trained_run):
+    """A folder of bad inputs; returns ``fill(arg)``, which puts its paths (and the good checkpoint) into an
+    argument: {tmp}, {ckpt}."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / "images" / f"good{i}.png")
+    good = (tmp_path / "images" / "good0.png").read_bytes()
+    (tmp_path / "images" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "images" / "garbage.jpg").write_bytes(b"not a jpeg at all")
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "typo.yaml").write_text("model:\n  num_stepz: 3\n")
+    _, ckpt = trained_run
+    (tmp_path / "truncated.ckpt").write_bytes(ckpt.read_bytes()[:2000])
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.ckpt")
+    return lambda arg: arg.format(tmp=tmp_path, ckpt=ckpt)
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def assert_refused(call, folder, capsys, needles):
+    """``call()`` exits non-zero with every needle in stderr and no traceback, changing nothing under folder."""
+    before = snapshot(folder)
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    err = capsys.readouterr().err
+    assert exit_info.value.code not in (0, None), err[-2000:]
+    assert all(n in err for n in needles) and "Traceback" not in err, (needles, err[-2000:])
+    assert snapshot(folder) == before
+
+
+FIT_CASES = [
+    (["--model.sigma_min=0"], ["sigma_min=0"]),
+    (["--model.sigma_min=200"], ["sigma_min=200"]),
+    (["--model.num_steps=1"], ["num_steps=1"]),
+    (["--model.s_churn=-1"], ["s_churn=-1"]),
+    (["--model.s_noise=-0.5"], ["s_noise=-0.5"]),
+    (["--model.s_min=2"], ["s_min=2"]),
+    (["--model.schedule=cosine"], ["cosine"]),
+    (["--model.solver=rk4"], ["rk4"]),
+    (["--data.image_size=9"], ["image_size=9"]),
+    (["--data.channels=2"], ["channels=2"]),
+    (["--data.dataset=imagenet"], ["imagenet"]),
+    (["--data.dataset=folder", "--data.root={tmp}/empty"], ["empty", "no images"]),
+    (["--data.dataset=folder", "--data.root={tmp}/missing"], ["missing", "does not exist"]),
+    (["--data.dataset=folder", "--data.root={tmp}/images"], ["truncated.png", "garbage.jpg", "skip_bad_images"]),
+    (["--data.batch_size=0"], ["batch_size=0"]),
+    (["--data.predict_seeds=5-2"], ["5-2"]),
+    (["--data.predict_seeds=a"], ["'a'"]),
+    (["--data.predict_seeds=-1"], ["-1"]),
+    (["--config={tmp}/typo.yaml"], ["num_stepz"]),
+]
+
+
+@pytest.mark.parametrize("args, needles", FIT_CASES, ids=[" ".join(a) for a, _ in FIT_CASES])
+def test_kve_fit(inputs, tmp_path, capsys, monkeypatch, args, needles):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", CONFIG, *TINY_MODEL_ARGS, *map(inputs, args), "--trainer.fast_dev_run=1"]
+    assert_refused(lambda: cli_main(args), tmp_path, capsys, needles)
+
+
+PREDICT_CASES = [
+    (["--ckpt_path={tmp}/missing.ckpt"], ["missing.ckpt", "does not exist"]),
+    (["--ckpt_path={tmp}/truncated.ckpt"], ["truncated.ckpt", "not a readable checkpoint"]),
+    (["--ckpt_path={tmp}/foreign.ckpt"], ["foreign.ckpt", "not a kve-lightning checkpoint"]),
+    (["--ckpt_path={ckpt}", "--writer.output_dir={tmp}/file"], ["file", "not a directory"]),
+    (["--ckpt_path={ckpt}", "--writer.output_dir={tmp}/file/out"], ["file/out"]),
+]
+
+
+@pytest.mark.parametrize("args, needles", PREDICT_CASES, ids=[" ".join(a) for a, _ in PREDICT_CASES])
+def test_kve_predict(inputs, tmp_path, capsys, monkeypatch, args, needles):
+    monkeypatch.chdir(tmp_path)
+    args = ["predict", CONFIG, *TINY_MODEL_ARGS, f"--writer.output_dir={tmp_path}/out", "--data.predict_seeds=0-1",
+            "--trainer.logger=false", *map(inputs, args)]
+    assert_refused(lambda: cli_main(args), tmp_path, capsys, needles)
+
+
+SAMPLE_CASES = [
+    (["--seeds", "5-2"], ["5-2"]),
+    (["--seeds", "a"], ["'a'"]),
+    (["--seeds", "-1"], ["-1"]),
+    (["--batch-size", "0"], ["batch-size"]),
+    (["--steps", "1"], ["num_steps=1"]),
+    (["--s-churn", "-1"], ["s_churn=-1"]),
+    (["--s-noise", "-1"], ["s_noise=-1"]),
+    (["--s-min", "2"], ["s_min=2"]),
+    (["--schedule", "cosine"], ["cosine"]),
+    (["--ckpt", "{tmp}/missing.ckpt"], ["missing.ckpt", "does not exist"]),
+    (["--ckpt", "{tmp}/truncated.ckpt"], ["truncated.ckpt", "not a readable checkpoint"]),
+    (["--ckpt", "{tmp}/foreign.ckpt"], ["foreign.ckpt", "not a kve-lightning checkpoint"]),
+    (["--out", "{tmp}/file"], ["file", "not a directory"]),
+    (["--out", "{tmp}/file/out"], ["file/out"]),
+]
+
+
+@pytest.mark.parametrize("args, needles", SAMPLE_CASES, ids=[" ".join(a) for a, _ in SAMPLE_CASES])
+def test_sample_script(inputs, tmp_path, capsys, args, needles):
+    args = ["--ckpt", "{ckpt}", "--out", "{tmp}/out", *args]  # later flags win
+    assert_refused(lambda: sample_script(list(map(inputs, args))), tmp_path, capsys, needles)
+
+
+def test_skip_bad_images_trains_without_them(inputs, tmp_path):
+    data = ImageDataModule(dataset="folder", root=str(tmp_path / "images"), val_fraction=0.25,
+                           skip_bad_images=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data.setup("fit")
+    message = " ".join(str(w.message) for w in caught)
+    assert "truncated.png" in message and "garbage.jpg" in message and "good0.png" not in message
+    assert len(data.train_set) + len(data.val_set) == 4
+

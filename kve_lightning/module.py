@@ -10,10 +10,14 @@ import torch
 from diffusers import UNet2DModel
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
+from kve_lightning.data import FlipDataset
 from kve_lightning.denoiser import VEDenoiser, default_unet_config
 from kve_lightning.ema import EMA
+from kve_lightning.metrics import FEATURES, build_fid
+from kve_lightning.rng import get_rng_states, set_rng_states
 from kve_lightning.sampling import check_churn_and_solver, karras_ve_sigmas, sample_karras_ve
 
 SAMPLER_SETTINGS = ("num_steps", "schedule", "s_churn", "s_min", "s_max", "s_noise", "solver")
@@ -61,6 +65,8 @@ class KarrasVeModule(L.LightningModule):
         max_bad_steps: stop after this many consecutive steps skipped for a non-finite loss or gradient.
         channels_last: keep the UNet's weights and the training batches in channels-last memory format.
         compile: ``torch.compile`` the UNet in place (state-dict keys unchanged: checkpoints load uncompiled).
+        fid_every_n_epochs, fid_num_samples, fid_features: log ``val/fid`` of that many samples against the
+            training images every n epochs (0: never), on ``"digits"`` or ``"inception"`` features (metrics.py).
     """
 
     def __init__(
@@ -92,6 +98,9 @@ class KarrasVeModule(L.LightningModule):
         max_bad_steps: int = 10,
         channels_last: bool = False,
         compile: bool = False,
+        fid_every_n_epochs: int = 0,
+        fid_num_samples: int = 1000,
+        fid_features: str = "digits",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -103,6 +112,10 @@ class KarrasVeModule(L.LightningModule):
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got max_bad_steps={max_bad_steps}")
         self.denoiser = VEDenoiser(build_unet(image_size, channels, unet))
+        if fid_every_n_epochs < 0 or fid_num_samples < 2 or fid_features not in FEATURES:
+            raise ValueError(f"need fid_every_n_epochs >= 0, fid_num_samples >= 2, fid_features in {FEATURES}; got "
+                             f"{fid_every_n_epochs}, {fid_num_samples}, {fid_features!r}")
+        self._fid: dict[str, Any] = {}  # a plain dict: the FID metric stays out of state_dict
         self.skipped_steps = 0
         self.consecutive_bad_steps = 0
         # fixed validation sigmas, log-spaced over [sigma_min, sigma_max]
@@ -163,10 +176,23 @@ class KarrasVeModule(L.LightningModule):
                                      f"gradient (max_bad_steps={self.hparams.max_bad_steps}): stopping; lower lr?")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Never write non-finite weights."""
+        """Never write non-finite weights. Store the random generators' states and the skipped-step counters, which
+        ``on_load_checkpoint`` restores for an exact resume."""
         bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
         if bad:
             raise FloatingPointError(f"refusing to save a checkpoint with non-finite weights in {bad[:5]}")
+        checkpoint["kve_resume"] = {"rng_states": get_rng_states(), "skipped_steps": self.skipped_steps,
+                                    "consecutive_bad_steps": self.consecutive_bad_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """When fitting resumes (``ckpt_path``), restore what ``on_save_checkpoint`` stored; the Trainer restores the
+        optimizer, the learning-rate schedule, the loops (global step, epoch) and the EMA callback itself."""
+        resume = checkpoint.get("kve_resume")
+        if resume is None or self._trainer is None or self._trainer.state.fn != "fit":
+            return
+        set_rng_states(resume["rng_states"])
+        self.skipped_steps = resume["skipped_steps"]
+        self.consecutive_bad_steps = resume["consecutive_bad_steps"]
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         """The DSM loss at fixed sigmas with fixed noise: comparable across epochs and runs."""
@@ -181,15 +207,36 @@ class KarrasVeModule(L.LightningModule):
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=y.shape[0], sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
-        """Log the sample grid and trajectory strip. Callbacks' hooks run first: the EMA weights are in place."""
-        if self.trainer.sanity_checking or self.hparams.grid_size == 0 or not self.trainer.is_global_zero:
+        """On rank 0: FID every ``fid_every_n_epochs`` epochs, and the sample grid and trajectory strip.
+        Callbacks' hooks run before this one, so the EMA weights are in place; nothing here is collective."""
+        hp = self.hparams
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        if not isinstance(self.logger, TensorBoardLogger):
-            return
-        grid, strip = self.sample_grid()
-        step = self.global_step
-        self.logger.experiment.add_image("samples/grid", grid, step)
-        self.logger.experiment.add_image("samples/trajectory", strip, step)
+        if hp.fid_every_n_epochs and (self.current_epoch + 1) % hp.fid_every_n_epochs == 0:
+            self.log("val/fid", self.fid(), rank_zero_only=True)
+        if hp.grid_size and isinstance(self.logger, TensorBoardLogger):
+            grid, strip = self.sample_grid()
+            self.logger.experiment.add_image("samples/grid", grid, self.global_step)
+            self.logger.experiment.add_image("samples/trajectory", strip, self.global_step)
+
+    @torch.no_grad()
+    def fid(self) -> float:
+        """FID (``fid_features``) of ``fid_num_samples`` samples (seeds from 10**6) against the training images.
+
+        The real statistics are computed once per process and kept outside the module's state (not checkpointed).
+        """
+        hp = self.hparams
+        if "metric" not in self._fid:
+            train = self.trainer.datamodule.train_set
+            train = train.dataset if isinstance(train, FlipDataset) else train  # no random flips: no global RNG use
+            real = torch.cat(list(DataLoader(train, batch_size=512, generator=torch.Generator())))
+            self._fid["metric"] = build_fid(real, hp.fid_features, device=self.device)
+        metric = self._fid["metric"]
+        metric.reset()
+        seeds = torch.arange(10**6, 10**6 + hp.fid_num_samples)
+        for chunk in seeds.split(256):
+            metric.update(self.sample(chunk).clamp(-1, 1), real=False)
+        return metric.compute().item()
 
     @torch.no_grad()
     def sample_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,12 +266,14 @@ class KarrasVeModule(L.LightningModule):
     def sample(self, seeds: torch.Tensor | Sequence[int], callback=None, **overrides: Any) -> torch.Tensor:
         """One image per integer seed, each from its own ``torch.Generator``: an image depends only on its seed
         and the sampler settings (``overrides`` replace the module's), not on the batch or rank. In [-1, 1] units,
-        unclamped."""
+        unclamped. No seeds (a predict batch whose images all exist), no images."""
         hp = self.hparams
         seeds = [int(s) for s in seeds]
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         settings = self.sampler_settings | overrides
         shape = (len(seeds), hp.channels, hp.image_size, hp.image_size)
+        if not seeds:
+            return torch.empty(shape, device=self.device)
         return sample_karras_ve(self.denoiser, shape, generator=gens, device=self.device, callback=callback,
                                 **settings)
 

@@ -117,3 +117,14 @@ def test_consecutive_non_finite_steps_stop_with_error():
     with pytest.raises(FloatingPointError, match="3 consecutive steps"):
         _fit(module, PoisonedLoader(32, nan_items=range(32)), steps=8)
     assert all(p.isfinite().all() for p in module.parameters())
+
+
+def test_fid_logged_in_validation(tmp_path):
+    module = tiny_module(fid_every_n_epochs=1, fid_num_samples=16, grid_size=0, num_steps=2)
+    trainer = L.Trainer(max_steps=2, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, ImageDataModule(batch_size=8))
+    fid = trainer.callback_metrics["val/fid"]
+    assert torch.isfinite(fid) and fid > 0
+    assert not any("fid" in k or "inception" in k for k in module.state_dict())

@@ -90,7 +90,8 @@ def sample_manifest(unet: torch.nn.Module, settings: dict[str, Any]) -> dict[str
     s = {"rho": inspect.signature(karras_ve_sigmas).parameters["rho"].default} | dict(settings)
     karras_ve_sigmas(s["num_steps"], s["sigma_min"], s["sigma_max"], s["schedule"], s["rho"])
     check_churn_and_solver(s["s_churn"], s["s_min"], s["s_max"], s["s_noise"], s["solver"])
-    sampler = {"num_steps": int(s["num_steps"]), "schedule": str(s["schedule"]), "solver": str(s["solver"])} | {
+    sampler = {"num_steps": int(s["num_steps"]), "schedule": str(s["schedule"]), "solver": str(s["solver"]),
+               "clamp_denoised": bool(s.get("clamp_denoised", False))} | {
         k: float(s[k]) for k in ("sigma_min", "sigma_max", "rho", "s_churn", "s_min", "s_max", "s_noise")}
     return {"kve_lightning_samples": 1, "weights_sha256": weights_sha256(unet),
             "image_size": int(unet.config.sample_size), "channels": int(unet.config.in_channels),

@@ -20,7 +20,7 @@ from kve_lightning.metrics import FEATURES, build_fid
 from kve_lightning.rng import get_rng_states, set_rng_states
 from kve_lightning.sampling import check_churn_and_solver, karras_ve_sigmas, sample_karras_ve
 
-SAMPLER_SETTINGS = ("num_steps", "schedule", "s_churn", "s_min", "s_max", "s_noise", "solver")
+SAMPLER_SETTINGS = ("num_steps", "schedule", "s_churn", "s_min", "s_max", "s_noise", "solver", "clamp_denoised")
 
 
 def build_unet(image_size: int, channels: int, unet: dict[str, Any] | None) -> UNet2DModel:
@@ -57,6 +57,7 @@ class KarrasVeModule(L.LightningModule):
         unet: ``UNet2DModel`` keyword arguments over ``default_unet_config`` (Fourier embedding is required).
         sigma_min, sigma_max: the VE noise range, for training and sampling.
         num_steps, schedule, s_churn, s_min, s_max, s_noise, solver: sampler settings (``sample_karras_ve``).
+        clamp_denoised: clip D(x; sigma) to [-1, 1] while sampling (on: images live there; see sample_karras_ve).
         lr, betas, weight_decay, warmup_steps: AdamW with a linear learning-rate warm-up.
         ema_decay, ema_warmup: EMA of the weights (``ema_decay=0`` turns it off).
         grid_size, grid_seed: the validation sample grid, one image per seed grid_seed, grid_seed + 1, ...
@@ -83,6 +84,7 @@ class KarrasVeModule(L.LightningModule):
         s_max: float = 1.0,
         s_noise: float = 1.007,
         solver: str = "heun",
+        clamp_denoised: bool = True,
         lr: float = 2e-4,
         betas: Sequence[float] = (0.9, 0.999),
         weight_decay: float = 0.0,

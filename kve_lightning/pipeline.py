@@ -45,6 +45,7 @@ class KarrasVeLightningScheduler(SchedulerMixin, ConfigMixin):
         s_noise: float = 1.007,
         solver: str = "heun",
         rho: float = 7.0,
+        clamp_denoised: bool = False,
     ):
         karras_ve_sigmas(num_steps, sigma_min, sigma_max, schedule, rho)  # a bad setting fails on load, not on use
         check_churn_and_solver(s_churn, s_min, s_max, s_noise, solver)
@@ -55,7 +56,8 @@ class KarrasVeLightningScheduler(SchedulerMixin, ConfigMixin):
         c = dict(self.config) | {k: v for k, v in overrides.items() if v is not None}
         sigmas = karras_ve_sigmas(num_inference_steps, c["sigma_min"], c["sigma_max"], c["schedule"], c["rho"],
                                   dtype=torch.float64)
-        return dict(sigmas=sigmas) | {k: c[k] for k in ("s_churn", "s_min", "s_max", "s_noise", "solver")}
+        return dict(sigmas=sigmas) | {k: c[k] for k in ("s_churn", "s_min", "s_max", "s_noise", "solver",
+                                                        "clamp_denoised")}
 
 
 class KarrasVeLightningPipeline(DiffusionPipeline):
@@ -107,6 +109,7 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
         s_max: float | None = None,
         s_noise: float | None = None,
         solver: str | None = None,
+        clamp_denoised: bool | None = None,
     ) -> ImagePipelineOutput | tuple:
         """``batch_size`` images in [0, 1] (``output_type`` "pil", "np" [B, H, W, C] float32, or "pt" [B, C, H, W]).
 
@@ -119,7 +122,7 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
         batch_size, generator = _batch_and_generator(batch_size, generator, seeds)
         kwargs = self.scheduler.sampler_kwargs(num_inference_steps, sigma_min=sigma_min, sigma_max=sigma_max,
                                                schedule=schedule, rho=rho, s_churn=s_churn, s_min=s_min, s_max=s_max,
-                                               s_noise=s_noise, solver=solver)
+                                               s_noise=s_noise, solver=solver, clamp_denoised=clamp_denoised)
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else size
         shape = (batch_size, self.unet.config.in_channels, height, width)

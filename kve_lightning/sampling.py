@@ -115,6 +115,7 @@ def sample_karras_ve(
     s_max: float = 1.0,
     s_noise: float = 1.007,
     solver: str = "heun",
+    clamp_denoised: bool = False,
     generator: Generator = None,
     latents: torch.Tensor | None = None,
     device: torch.device | str | None = None,
@@ -129,6 +130,9 @@ def sample_karras_ve(
     is given (used as is); then one noise tensor eps_i is drawn per step, even where gamma_i = 0, so a step's
     noise does not depend on the churn window. ``generator`` may be one ``torch.Generator`` or one per batch row.
     ``solver="euler"`` skips the second-order correction (NFE = N instead of 2N - 1).
+    ``clamp_denoised`` clips every D(x; sigma) to the data range [-1, 1] (not part of Algorithm 2): the exact
+    denoiser E[y | x] of data in [-1, 1] lies there, so the clip leaves it unchanged and can only move a learned
+    one closer to it; it keeps an imprecise high-sigma denoiser from steering samples far off the data range.
     ``callback(i, sigma_hat, x_hat, denoised)`` is called after each step's first denoiser evaluation.
     """
     check_churn_and_solver(s_churn, s_min, s_max, s_noise, solver)
@@ -143,7 +147,8 @@ def sample_karras_ve(
     batch = shape[0]
 
     def D(x: torch.Tensor, s: float) -> torch.Tensor:
-        return denoiser(x, torch.full((batch,), s, device=x.device, dtype=x.dtype))
+        denoised = denoiser(x, torch.full((batch,), s, device=x.device, dtype=x.dtype))
+        return denoised.clamp(-1, 1) if clamp_denoised else denoised
 
     x = latents if latents is not None else sigma[0] * randn_per_row(shape, generator, device, dtype)
     gamma_max = min(s_churn / N, math.sqrt(2) - 1)

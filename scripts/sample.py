@@ -33,7 +33,7 @@ from kve_lightning.sampling import SCHEDULES, SOLVERS
 
 Sampler = Callable[[list[int]], torch.Tensor]
 SETTINGS = ("num_steps", "schedule", "solver", "sigma_min", "sigma_max", "rho", "s_churn", "s_min", "s_max",
-            "s_noise")
+            "s_noise", "clamp_denoised")
 
 
 def load_pipeline(model_dir: str | Path, device: torch.device) -> KarrasVeLightningPipeline:
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--s-min", type=float)
     p.add_argument("--s-max", type=float)
     p.add_argument("--s-noise", type=float)
+    p.add_argument("--clamp-denoised", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip D(x; sigma) to [-1, 1] while sampling (default: the model's setting)")
     p.add_argument("--grid", action="store_true", help="also write grid.png")
     p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
                    help="leave out the seeds whose PNG is already in --out (default); a folder of other weights or "
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     overrides = {k: v for k, v in dict(num_steps=args.steps, schedule=args.schedule, solver=args.solver,
                                        s_churn=args.s_churn, s_min=args.s_min, s_max=args.s_max,
-                                       s_noise=args.s_noise).items() if v is not None}
+                                       s_noise=args.s_noise, clamp_denoised=args.clamp_denoised).items()
+                 if v is not None}
     try:
         seeds = parse_seeds(args.seeds)
         if args.batch_size < 1:

@@ -172,3 +172,17 @@ def test_churn_window_and_nfe_count():
     calls.clear()
     sample_karras_ve(denoiser, (1, 1, 2, 2), sigmas=sigmas, solver="euler")
     assert len(calls) == 10
+
+
+def test_clamp_denoised_projects_onto_the_data_range():
+    """A denoiser that overshoots the data range gives samples in [-1, 1] only with clamp_denoised; for the exact
+    denoiser of data inside [-1, 1] at every sigma used, the clip changes nothing."""
+    wild = lambda x, sigma: 3 * torch.ones_like(x)  # noqa: E731
+    kwargs = dict(num_steps=6, generator=torch.Generator().manual_seed(0))
+    assert sample_karras_ve(wild, (2, 1, 2, 2), **kwargs).max() > 2
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_karras_ve(wild, (2, 1, 2, 2), clamp_denoised=True, **kwargs), torch.ones(2, 1, 2, 2))
+    point = GaussianMixture(torch.ones(1, dtype=torch.float64), torch.full((1, 1, 2, 2), 0.5), torch.tensor([1e-9]))
+    a, b = (sample_karras_ve(point.denoiser, (3, 1, 2, 2), clamp_denoised=c, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(1)) for c in (False, True))
+    assert torch.equal(a, b)

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
+from kve_lightning import data
+
 FEATURES = ("digits", "inception")
 DIGITS_WEIGHTS = Path(__file__).parent / "assets" / "digits_features.safetensors"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -27,20 +29,18 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 # ---------------------------------------------------------------- the digits data set and its feature network
 
 
-def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
+def digits_with_labels() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1797 digits as [N, 1, 8, 8] float32 images in [-1, 1] (pixels 0..16) and their labels."""
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    x = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 8 - 1
-    return x, torch.as_tensor(digits.target)
+    return data.digits_images(8, 1), torch.as_tensor(load_digits().target)
 
 
 def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fixed stratified 80/20 train/held-out split of ``digits_images()``: x_train, y_train, x_test, y_test."""
+    """The fixed stratified 80/20 train/held-out split of ``digits_with_labels()``: x_train, y_train, x_test, y_test."""
     from sklearn.model_selection import train_test_split
 
-    x, y = digits_images()
+    x, y = digits_with_labels()
     train, test = train_test_split(torch.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
     return x[train], y[train], x[test], y[test]
 
@@ -161,7 +161,7 @@ def fid_from_images(real: torch.Tensor, fake: torch.Tensor, features: str = "dig
 
 def digits_fid_floor(seed: int = 0) -> float:
     """FID-digits between two disjoint random halves of the digits data set: the real-vs-real floor at n ~ 900."""
-    x, _ = digits_images()
+    x, _ = digits_with_labels()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     half = len(x) // 2
     return fid_from_images(x[perm[:half]], x[perm[half : 2 * half]])

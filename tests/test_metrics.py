@@ -13,7 +13,7 @@ from kve_lightning.metrics import (
     build_fid,
     digits_feature_net,
     digits_fid_floor,
-    digits_images,
+    digits_with_labels,
     digits_split,
     feature_net,
     fid_from_images,
@@ -24,13 +24,13 @@ from kve_lightning.metrics import (
 
 @pytest.fixture(scope="module")
 def halves():
-    x, _ = digits_images()
+    x, _ = digits_with_labels()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     return x[perm[:898]], x[perm[898:1796]]
 
 
 def test_digits_images_range_and_split_is_fixed_and_stratified():
-    x, y = digits_images()
+    x, y = digits_with_labels()
     assert x.shape == (1797, 1, 8, 8) and x.min() == -1 and x.max() == 1
     x_train, y_train, x_test, y_test = digits_split()
     assert len(x_test) == 360 and len(x_train) == 1437
@@ -51,7 +51,7 @@ def test_shipped_feature_net_held_out_accuracy():
 
 def test_feature_net_accepts_any_size_and_channels():
     net = digits_feature_net()
-    x, _ = digits_images()
+    x, _ = digits_with_labels()
     x = x[:16]
     with torch.no_grad():
         f8 = net(x)

@@ -1,6 +1,9 @@
-"""Training throughput of KarrasVeModule under Lightning vs a plain PyTorch loop doing the same work.
+"""Training throughput of KarrasVeModule under Lightning vs a plain PyTorch loop doing the same work, and of the
+precision / memory-format / compile options.
 
     python scripts/benchmark_train.py --steps 300 --repeats 2
+    python scripts/benchmark_train.py --variants fp32,bf16,bf16+cl,bf16+cl+compile --config configs/cifar10.yaml \
+        --batch-size 128 --steps 60 --warmup 20
 
 Both sides: the digits config's UNet, batch and data, the same DSM loss, AdamW with the warm-up schedule and the
 EMA update after every step. Lightning also logs train/loss to TensorBoard, as `kve fit` does. Each measurement
@@ -26,22 +29,33 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build(config: Path):
+VARIANTS = {  # name -> (Trainer precision, model options)
+    "fp32": ("32-true", {}),
+    "bf16": ("bf16-mixed", {}),
+    "bf16+cl": ("bf16-mixed", {"channels_last": True}),
+    "bf16+cl+compile": ("bf16-mixed", {"channels_last": True, "compile": True}),
+}
+
+
+def build(config: Path, batch_size: int | None = None, **model_options):
+    """The config's module and data; the data is the offline digits, resized to the config's size and channels."""
     from kve_lightning import ImageDataModule, KarrasVeModule
 
     cfg = yaml.safe_load(config.read_text())
-    data = ImageDataModule(**cfg.get("data", {}))
+    data_cfg = cfg.get("data", {}) | ({"batch_size": batch_size} if batch_size else {})
+    data_cfg |= {"dataset": "digits", "num_workers": 0}  # offline: digits resized to the config's image size
+    data = ImageDataModule(**data_cfg)
     model_cfg = cfg.get("model", {}) | dict(image_size=data.hparams.image_size, channels=data.hparams.channels)
-    return KarrasVeModule(**model_cfg), data
+    return KarrasVeModule(**(model_cfg | model_options | {"grid_size": 0})), data
 
 
-def run_plain(config: Path, steps: int, warmup: int) -> float:
+def run_plain(config: Path, steps: int, warmup: int, batch_size: int | None, variant: str) -> float:
     from torch.optim.swa_utils import AveragedModel
 
     from kve_lightning.ema import ema_update
     from kve_lightning.module import dsm_loss
 
-    module, data = build(config)
+    module, data = build(config, batch_size)
     hp = module.hparams
     data.setup("fit")
     opt_cfg = module.configure_optimizers()
@@ -68,10 +82,11 @@ def run_plain(config: Path, steps: int, warmup: int) -> float:
     return (steps - warmup) * data.hparams.batch_size / (time.perf_counter() - start)
 
 
-def run_lightning(config: Path, steps: int, warmup: int) -> float:
+def run_lightning(config: Path, steps: int, warmup: int, batch_size: int | None, variant: str) -> float:
     import lightning as L
 
-    module, data = build(config)
+    precision, options = VARIANTS[variant]
+    module, data = build(config, batch_size, **options)
     times = {}
 
     class Clock(L.Callback):
@@ -83,7 +98,7 @@ def run_lightning(config: Path, steps: int, warmup: int) -> float:
             times["end"] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+        trainer = L.Trainer(max_steps=steps, limit_val_batches=0, precision=precision, num_sanity_val_steps=0, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
                             default_root_dir=tmp, callbacks=[Clock()])
         trainer.fit(module, data)
@@ -93,8 +108,10 @@ def run_lightning(config: Path, steps: int, warmup: int) -> float:
 def child(args) -> None:
     torch.manual_seed(0)
     fn = run_plain if args.mode == "plain" else run_lightning
-    img_s = fn(Path(args.config), args.steps, args.warmup)
+    img_s = fn(Path(args.config), args.steps, args.warmup, args.batch_size, args.variant)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps({"mode": args.mode, "img_per_s": img_s, "peak_rss_mb": peak_mb}))
 
 
@@ -104,25 +121,33 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=30, help="steps left out of the timing")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch-size", type=int, help="overrides the config's data.batch_size")
+    p.add_argument("--variants", help="compare Lightning runs with these options instead of Lightning vs plain: "
+                                      f"a comma list of {', '.join(VARIANTS)} (the first is the baseline)")
     p.add_argument("--mode", choices=["plain", "lightning"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="fp32", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:
         return child(args)
-    results = {"plain": [], "lightning": []}
+    runs = [(v, "lightning", v) for v in args.variants.split(",")] if args.variants else [
+        ("plain", "plain", "fp32"), ("lightning", "lightning", "fp32")]
+    results = {name: [] for name, _, _ in runs}
     for r in range(args.repeats):
-        for mode in ("plain", "lightning"):
-            cmd = [sys.executable, __file__, "--mode", mode, "--config", args.config, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
+        for name, mode, variant in runs:
+            cmd = [sys.executable, __file__, "--mode", mode, "--variant", variant, "--config", args.config,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd += ["--batch-size", str(args.batch_size)] if args.batch_size else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            results[mode].append(json.loads(out))
-            print(f"repeat {r} {mode}: {results[mode][-1]['img_per_s']:.1f} img/s", file=sys.stderr)
+            results[name].append(json.loads(out))
+            print(f"repeat {r} {name}: {results[name][-1]['img_per_s']:.1f} img/s", file=sys.stderr)
     best = {m: max(x["img_per_s"] for x in v) for m, v in results.items()}
     peak = {m: max(x["peak_rss_mb"] for x in v) for m, v in results.items()}
-    print("| loop | img/s (best of {}) | peak RSS (MB) |".format(args.repeats))
-    print("|---|---|---|")
-    for m in ("plain", "lightning"):
-        print(f"| {m} | {best[m]:.1f} | {peak[m]:.0f} |")
-    print(f"\nratio lightning / plain: {best['lightning'] / best['plain']:.3f}")
+    base = runs[0][0]
+    memory = "peak GPU memory (MB)" if torch.cuda.is_available() else "peak RSS (MB)"
+    print(f"| run | img/s (best of {args.repeats}) | ratio to {base} | {memory} |")
+    print("|---|---|---|---|")
+    for m in results:
+        print(f"| {m} | {best[m]:.1f} | {best[m] / best[base]:.3f} | {peak[m]:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,29 @@
-"""The ``kve`` command: LightningCLI over ``KarrasVeModule`` and ``ImageDataModule`` (fit, validate, predict)."""
+"""The ``kve`` command: LightningCLI over ``KarrasVeModule`` and ``ImageDataModule`` (fit, validate, predict).
+
+Two rules on top of LightningCLI's:
+
+- **A run lives under ``--trainer.default_root_dir``.** Checkpoints go to ``ROOT/checkpoints`` (unless a
+  ``ModelCheckpoint`` names its own ``dirpath``), TensorBoard logs and the saved config to ``ROOT/lightning_logs``,
+  and ``--ckpt_path last`` means the newest ``last*.ckpt`` there.
+- **With ``--ckpt_path``, the checkpoint's hyper-parameters are the defaults**, and what the config files and flags
+  give overrides them: ``--model.num_steps 18`` samples with 18 steps. Architecture settings (UNet, image size,
+  channels) that contradict the checkpoint are an error naming them.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from kve_lightning.checkpoint import read_checkpoint
 from kve_lightning.data import ImageDataModule
-from kve_lightning.export import read_checkpoint
 from kve_lightning.images import PNGWriter
-from kve_lightning.module import KarrasVeModule
+from kve_lightning.module import KarrasVeModule, unet_config
 
 
 class KveCLI(LightningCLI):
@@ -22,20 +35,115 @@ class KveCLI(LightningCLI):
         parser.add_lightning_class_args(PNGWriter, "writer")
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, then check a ``--ckpt_path`` file (``read_checkpoint``: a clear error for a truncated or foreign
-        file) before LightningCLI reads its hyper-parameters, which then replace the configured model's.
-        Lightning resolves ``last``, ``best``, ``hpc`` and remote paths itself."""
+        """Parse; with ``--ckpt_path``, read the checkpoint (weights-only, ``read_checkpoint``), make its
+        hyper-parameters the parser's defaults and parse again, so the config and flags override them."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc") and "://" not in str(ckpt_path):
-            read_checkpoint(ckpt_path)
+        config = self.config[subcommand] if subcommand else self.config
+        place_run(config)
+        if not config.get("ckpt_path"):
+            return
+        if config.get("weights_only") is False:
+            raise ValueError("--weights_only false is refused: kve reads checkpoints weights-only (no unpickling of "
+                             "arbitrary objects); convert an old checkpoint with torch.load yourself if you trust it")
+        path = resolve_ckpt_path(config)
+        hparams = read_checkpoint(path)["hyper_parameters"]
+        set_checkpoint_defaults(self._parser(subcommand), hparams, path)
+        super().parse_arguments(parser, args)
+        config = self.config[subcommand] if subcommand else self.config
+        place_run(config)
+        check_architecture(config.model, hparams, path)
+        config.ckpt_path, config.weights_only = str(path), True
+
+    def _parse_ckpt_path(self) -> None:
+        """Done in ``parse_arguments``: LightningCLI's own would let the checkpoint override the flags."""
 
     def predict(self, **kwargs) -> None:
         """Predictions go to disk batch by batch; none are kept in memory unless asked for."""
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
         self.trainer.predict(**kwargs)
+
+
+def run_root(config) -> Path:
+    return Path(config.trainer.get("default_root_dir") or os.getcwd())
+
+
+def checkpoint_callbacks(config) -> list:
+    callbacks = config.trainer.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    return [c for c in callbacks if str(c.get("class_path", "")).endswith("ModelCheckpoint")]
+
+
+def place_run(config) -> None:
+    """Give every configured ``ModelCheckpoint`` without a ``dirpath`` the folder ``ROOT/checkpoints``."""
+    for callback in checkpoint_callbacks(config):
+        if callback.init_args.get("dirpath") is None:
+            callback.init_args.dirpath = str(run_root(config) / "checkpoints")
+
+
+def resolve_ckpt_path(config) -> Path:
+    """The file ``--ckpt_path`` means: a local path as given; ``last``: the newest ``last*.ckpt`` in the run's
+    checkpoint folders; ``best``: the best checkpoint that one records; ``hpc``: the newest ``hpc_ckpt_N.ckpt`` in
+    the run's root. URLs are refused (download the file and check where it comes from first)."""
+    ckpt_path = str(config.ckpt_path)
+    if "://" in ckpt_path:
+        raise ValueError(f"--ckpt_path {ckpt_path!r}: kve reads local checkpoint files only (a checkpoint is a "
+                         f"pickle: download it, check its origin, then pass its path)")
+    root = run_root(config)
+    folders = [Path(c.init_args.dirpath) for c in checkpoint_callbacks(config)] or [root / "checkpoints"]
+    if ckpt_path in ("last", "best"):
+        found = [p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt")]
+        if not found:
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no last.ckpt in {[str(f) for f in folders]}: no run "
+                                    f"there to resume or sample (set --trainer.default_root_dir to the run's folder, "
+                                    f"or give a checkpoint file)")
+        last = max(found, key=lambda p: p.stat().st_mtime)
+        if ckpt_path == "last":
+            return last
+        states = read_checkpoint(last).get("callbacks", {}).values()
+        best = [s["best_model_path"] for s in states if isinstance(s, dict) and s.get("best_model_path")]
+        if not best:
+            raise FileNotFoundError(f"--ckpt_path best: {str(last)!r} records no best checkpoint (its "
+                                    f"ModelCheckpoint monitors nothing); give a checkpoint file")
+        return Path(best[0])
+    if ckpt_path == "hpc":
+        found = {int(p.stem[len("hpc_ckpt_"):]): p for p in root.glob("hpc_ckpt_*.ckpt")
+                 if p.stem[len("hpc_ckpt_"):].isdigit()}
+        if not found:
+            raise FileNotFoundError(f"--ckpt_path hpc: no hpc_ckpt_N.ckpt in {str(root)!r}")
+        return found[max(found)]
+    return Path(ckpt_path)
+
+
+def set_checkpoint_defaults(parser, hparams: dict[str, Any], path: Path) -> None:
+    """Make a checkpoint's hyper-parameters the defaults of ``--model.*`` (and of the data's image size and channel
+    count, which the model's follow)."""
+    linked = ("image_size", "channels")
+    defaults = {f"model.{k}": v for k, v in hparams.items() if not k.startswith("_") and k not in linked}
+    defaults |= {f"data.{k}": hparams[k] for k in linked if k in hparams}
+    known = {action.dest for action in parser._actions}
+    unknown = [k for k in defaults if k not in known]
+    if unknown:
+        raise ValueError(f"checkpoint {str(path)!r} holds hyper-parameters this version does not know: {unknown}")
+    parser.set_defaults(defaults)
+
+
+def check_architecture(model, hparams: dict[str, Any], path: Path) -> None:
+    """A ``ValueError`` naming each architecture setting of ``model`` (the parsed ``--model`` group) that differs
+    from the checkpoint's."""
+    def normalized(image_size, channels, unet) -> dict[str, Any]:
+        return json.loads(json.dumps({"image_size": image_size, "channels": channels}
+                                     | unet_config(image_size, channels, unet)))
+
+    here = normalized(model.image_size, model.channels, model.unet)
+    there = normalized(hparams.get("image_size"), hparams.get("channels"), hparams.get("unet"))
+    renamed = {"sample_size", "in_channels", "out_channels"}  # the same as image_size and channels
+    diff = [f"{k}={here.get(k)!r} here but {there.get(k)!r} in the checkpoint" for k in sorted(here.keys() | there.keys())
+            if k not in renamed and here.get(k) != there.get(k)]
+    if diff:
+        raise ValueError(f"the configured model does not fit checkpoint {str(path)!r}: {'; '.join(diff)} (leave "
+                         f"--model.unet, --data.image_size and --data.channels out to take the checkpoint's)")
 
 
 def cli_main(args: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence, get_args
 
 import lightning as L
 import torch
@@ -14,7 +14,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 from torchvision import transforms
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")
+DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]
+DATASETS: tuple[str, ...] = get_args(DatasetName)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -154,23 +155,28 @@ class ImageDataModule(L.LightningDataModule):
     when training starts), kept in checkpoints: resuming from an end-of-epoch checkpoint replays the same order.
 
     Args:
-        dataset: ``"digits"`` (scikit-learn's 8x8 digits, offline; default), ``"mnist"``, ``"fashion_mnist"``,
-            ``"cifar10"`` (torchvision; fetched in ``prepare_data`` only with ``download: true``), or ``"folder"``
-            (every image under ``root``, recursively).
+        dataset: "digits" (scikit-learn's 8x8 digits, offline), "mnist", "fashion_mnist", "cifar10" (torchvision;
+            fetched only with ``download: true``), or "folder" (every image under ``root``, recursively).
         root: where torchvision data sets live, or the image folder.
-        image_size, channels: images are resized to image_size x image_size and converted to 1 or 3 channels.
+        image_size: images are resized and center-cropped to image_size x image_size (the model follows).
+        channels: images are converted to 1 (grayscale) or 3 (RGB) channels (the model follows).
         hflip: random horizontal flips in training.
-        val_fraction, split_seed: the validation split, the same for every run with the same seed.
-        predict_seeds: seeds to sample in ``predict`` (``"0-63"``, ``"0-9,20"`` or a list).
-        skip_bad_images: train without the unreadable or truncated files of a ``"folder"`` data set (with a
-            warning that lists them) instead of stopping with an error that lists them.
+        batch_size: training and validation batch size per device.
+        num_workers: data-loading worker processes (0: load in the main process).
+        val_fraction: the fraction of the data held out for validation.
+        split_seed: the seed of the validation split (the same split for every run with the same seed).
+        download: let torchvision fetch the data set in ``prepare_data`` (needs a network).
+        predict_seeds: the seeds ``kve predict`` samples, one image each ("0-63", "0-9,20" or a list).
+        predict_batch_size: seeds sampled at once per device in ``kve predict``.
+        skip_bad_images: train without the unreadable or truncated files of a "folder" data set (with a warning
+            that lists them) instead of stopping with an error that lists them.
 
     ``skip_seeds``: seeds ``predict`` leaves out of its batches (``PNGWriter`` sets those whose PNG exists).
     """
 
     def __init__(
         self,
-        dataset: str = "digits",
+        dataset: DatasetName = "digits",
         root: str = "data",
         image_size: int = 8,
         channels: int = 1,

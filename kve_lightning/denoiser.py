@@ -50,4 +50,27 @@ class VEDenoiser(torch.nn.Module):
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must be a scalar or have shape [{x.shape[0]}], got {tuple(sigma.shape)}")
         c = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        return x + c * (c / 2) * self.unet((x + 1) / 2, sigma / 2).sample
+        c_skip, c_out, c_in = 1, c, 1  # EDM Table 1, VE column
+        # c_noise = ln(sigma / 2): the Fourier UNet takes the log of its timestep sigma / 2 and divides its output
+        # by it, so F(x; c_noise) = (sigma / 2) * unet((x + 1) / 2, sigma / 2) in diffusers' [0, 1] input convention
+        return c_skip * x + c_out * (c / 2) * self.unet(c_in * (x + 1) / 2, sigma / 2).sample
+
+
+def dsm_loss(denoiser: VEDenoiser, y: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Per-sample VE denoising score matching: (1 / sigma^2) ||D(y + sigma eps; sigma) - y||^2, mean over elements.
+
+    Equals ||F + eps||^2 (EDM Eq. 2 with lambda(sigma) = 1 / sigma^2, VE column of Table 1). Kept in float32.
+    """
+    c = sigma.reshape(-1, *([1] * (y.ndim - 1)))
+    D = denoiser(y + c * eps, sigma).float()
+    return ((D - y.float()) ** 2 / c.float() ** 2).flatten(1).mean(1)
+
+
+def ve_loss(denoiser: VEDenoiser, y: torch.Tensor, sigma_min: float, sigma_max: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VE training loss of a batch: ``dsm_loss`` at sigma = sigma_min (sigma_max / sigma_min)^u, u ~ U(0, 1)
+    (log-uniform on [sigma_min, sigma_max]), eps ~ N(0, I), drawn from the global generator. Returns the per-sample
+    losses [B] and their sigmas [B]."""
+    u = torch.rand(y.shape[0], device=y.device)
+    sigma = sigma_min * (sigma_max / sigma_min) ** u
+    return dsm_loss(denoiser, y, sigma, torch.randn_like(y)), sigma

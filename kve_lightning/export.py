@@ -8,57 +8,21 @@ failure leaves nothing half-written.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
-import torch
-
+from kve_lightning.checkpoint import load_checkpoint_module
 from kve_lightning.module import KarrasVeModule
 from kve_lightning.pipeline import KarrasVeLightningPipeline, KarrasVeLightningScheduler
 
 
-def read_checkpoint(ckpt: str | Path) -> dict:
-    """A `kve fit` checkpoint, read with ``torch.load(weights_only=True)`` (no arbitrary unpickling); a
-    ``FileNotFoundError`` or ``ValueError`` naming the file if it is missing, unreadable or not a kve-lightning
-    checkpoint (no ``denoiser.unet.*`` weights in ``state_dict`` or no ``hyper_parameters``)."""
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated files, pickles of objects outside the weights-only allow-list
-        blocked = re.search(r"GLOBAL (\S+)", str(err))
-        reason = f"it would unpickle {blocked[1]}, which weights-only loading refuses" if blocked else err
-        raise ValueError(f"{str(path)!r} is not a readable checkpoint: {reason}") from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not isinstance(hparams, dict) or not any(
-            k.startswith("denoiser.unet.") for k in state):
-        raise ValueError(f"{str(path)!r} is not a kve-lightning checkpoint: it has no denoiser.unet.* weights "
-                         f"in state_dict or no hyper_parameters")
-    return checkpoint
-
-
-def load_checkpoint_module(ckpt: str | Path) -> KarrasVeModule:
-    """The ``KarrasVeModule`` a checkpoint holds (``read_checkpoint``); a ``ValueError`` naming the file if its
-    hyper-parameters and weights do not make one."""
-    path = Path(ckpt)
-    checkpoint = read_checkpoint(path)
-    state, hparams = checkpoint["state_dict"], checkpoint["hyper_parameters"]
-    try:
-        module = KarrasVeModule(**{k: v for k, v in hparams.items() if not k.startswith("_")})
-        module.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError) as err:  # hparams or weights of another model version
-        raise ValueError(f"{str(path)!r} does not match KarrasVeModule: {err}") from None
-    return module.eval()
-
-
-def module_pipeline(module: KarrasVeModule) -> KarrasVeLightningPipeline:
-    """The pipeline of a module: its UNet and its sampler settings (``KarrasVeModule.sampler_settings``)."""
+def module_pipeline(module: KarrasVeModule, **overrides: Any) -> KarrasVeLightningPipeline:
+    """The pipeline of a module: its UNet and its sampler settings with ``overrides`` (``SamplerSettings`` fields)."""
+    settings = module.sampler.replace(**overrides)
     return KarrasVeLightningPipeline(unet=module.denoiser.unet,
-                                     scheduler=KarrasVeLightningScheduler(**module.sampler_settings))
+                                     scheduler=KarrasVeLightningScheduler(**settings.to_dict()))
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -71,17 +35,18 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def export_checkpoint(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write the checkpoint's EMA weights and sampler settings as a diffusers folder ``out_dir``; return it.
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False, **overrides: Any) -> Path:
+    """Write the checkpoint's EMA weights and sampler settings (with ``overrides`` of ``SamplerSettings`` fields)
+    as a diffusers folder ``out_dir``; return it.
 
     Checks everything before writing, writes to a temporary folder beside ``out_dir``, then renames it into place
     (an existing ``out_dir`` is replaced only with ``overwrite``)."""
-    module = load_checkpoint_module(ckpt)
+    pipeline = module_pipeline(load_checkpoint_module(ckpt), **overrides)
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        module_pipeline(module).save_pretrained(tmp, safe_serialization=True)
+        pipeline.save_pretrained(tmp, safe_serialization=True)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Writing samples as PNG files: one per seed, ``{seed:06d}.png``, plus a grid; the same bytes from every entry point.
 
 A sample folder also holds ``manifest.json``: the weights' SHA-256, the image size and channel count, and the sampler
-settings. Every writer (``kve predict``, ``scripts/sample.py --ckpt`` or ``--model``) refuses a folder whose manifest
+settings. Every writer (``kve predict``, ``kve-sample --ckpt`` or ``--model``) refuses a folder whose manifest
 differs from its own, so one folder never mixes images of different models or settings, and it can skip the seeds
 whose PNG is already there: an interrupted run resumes where it stopped, whichever entry point wrote the folder.
 """
@@ -9,7 +9,6 @@ whose PNG is already there: an interrupted run resumes where it stopped, whichev
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -24,12 +23,17 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torchvision.utils import make_grid
 
-from kve_lightning.sampling import check_churn_and_solver, karras_ve_sigmas
+from kve_lightning.sampling import SamplerSettings
 
 MANIFEST = "manifest.json"
 # what this module writes: seed PNGs, the grid, the manifest, and save_atomic's temporary files
 SEED_PNG = re.compile(r"\d{6,}\.png")
 TEMP_FILE = re.compile(r"\.(?:\d{6,}\.png|grid\.png|manifest\.json)\.\w+\.tmp")
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped."""
+    return (x / 2 + 0.5).clamp(0, 1)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -84,18 +88,12 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def sample_manifest(unet: torch.nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
+def sample_manifest(unet: torch.nn.Module, settings: SamplerSettings) -> dict[str, Any]:
     """The identity of a sample folder's images: the UNet's weights, image size and channels, and the sampler
-    settings (``sample_karras_ve``'s, plus ``rho`` of the edm schedule); a ``ValueError`` for invalid settings."""
-    s = {"rho": inspect.signature(karras_ve_sigmas).parameters["rho"].default} | dict(settings)
-    karras_ve_sigmas(s["num_steps"], s["sigma_min"], s["sigma_max"], s["schedule"], s["rho"])
-    check_churn_and_solver(s["s_churn"], s["s_min"], s["s_max"], s["s_noise"], s["solver"])
-    sampler = {"num_steps": int(s["num_steps"]), "schedule": str(s["schedule"]), "solver": str(s["solver"]),
-               "clamp_denoised": bool(s.get("clamp_denoised", False))} | {
-        k: float(s[k]) for k in ("sigma_min", "sigma_max", "rho", "s_churn", "s_min", "s_max", "s_noise")}
+    settings."""
     return {"kve_lightning_samples": 1, "weights_sha256": weights_sha256(unet),
             "image_size": int(unet.config.sample_size), "channels": int(unet.config.in_channels),
-            "sampler": dict(sorted(sampler.items()))}
+            "sampler": dict(sorted(settings.to_dict().items()))}
 
 
 def _flatten(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -161,11 +159,12 @@ class PNGWriter(BasePredictionWriter):
     Before the first batch, the folder's ``manifest.json`` must match the model's weights and sampler settings
     (or be absent, in a folder without seed PNGs, and then it is written): a ``ValueError`` otherwise, with nothing
     written. With ``skip_existing``, the data module (``ImageDataModule.skip_seeds``) leaves out the seeds whose
-    PNG is there, so an interrupted ``kve predict`` or ``scripts/sample.py`` run resumes where it stopped.
+    PNG is there, so an interrupted ``kve predict`` or ``kve-sample`` run resumes where it stopped.
 
     Args:
         output_dir: the folder for the PNGs (created if missing).
         grid: also write ``grid.png`` of the first ``grid_max_images`` seeds.
+        grid_max_images: the most images ``grid.png`` shows.
         skip_existing: do not sample again the seeds whose PNG exists (``false``: sample and rewrite them).
     """
 
@@ -185,7 +184,7 @@ class PNGWriter(BasePredictionWriter):
         """Check the folder on every rank, then rank 0 writes the manifest and clears stale temporary files, then
         (after a barrier: no rank writes before) each rank marks the seeds already done. The checkpoint's weights
         are loaded by now."""
-        manifest = sample_manifest(pl_module.denoiser.unet, pl_module.sampler_settings)
+        manifest = sample_manifest(pl_module.denoiser.unet, pl_module.sampler)
         check_sample_folder(self.output_dir, manifest)
         if trainer.is_global_zero:
             open_sample_folder(self.output_dir, manifest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
 from kve_lightning import data
 
-FEATURES = ("digits", "inception")
+Features = Literal["digits", "inception"]
+FEATURES: tuple[str, ...] = get_args(Features)
 DIGITS_WEIGHTS = Path(__file__).parent / "assets" / "digits_features.safetensors"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")  # what torch-fidelity downloads
@@ -122,7 +124,7 @@ def inception_features(timeout: float = 20.0) -> InceptionFeatures:
 # ---------------------------------------------------------------- FID
 
 
-def feature_net(features: str = "digits") -> nn.Module:
+def feature_net(features: Features = "digits") -> nn.Module:
     """The feature extractor named ``features``: ``"digits"`` or ``"inception"``."""
     if features == "digits":
         return digits_feature_net()
@@ -134,7 +136,7 @@ def feature_net(features: str = "digits") -> nn.Module:
 @torch.no_grad()
 def build_fid(
     real: torch.Tensor | None = None,
-    features: str = "digits",
+    features: Features = "digits",
     batch_size: int = 500,
     device: torch.device | str | None = None,
 ) -> FrechetInceptionDistance:

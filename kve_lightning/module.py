@@ -14,17 +14,20 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
 from kve_lightning.data import FlipDataset
-from kve_lightning.denoiser import VEDenoiser, default_unet_config
+from kve_lightning.denoiser import VEDenoiser, default_unet_config, dsm_loss, ve_loss
 from kve_lightning.ema import EMA
-from kve_lightning.metrics import FEATURES, build_fid
+from kve_lightning.images import to_unit
+from kve_lightning.metrics import FEATURES, Features, build_fid
 from kve_lightning.rng import get_rng_states, set_rng_states
-from kve_lightning.sampling import check_churn_and_solver, karras_ve_sigmas, sample_karras_ve
+from kve_lightning.sampling import SamplerSettings, sample_karras_ve
 
-SAMPLER_SETTINGS = ("num_steps", "schedule", "s_churn", "s_min", "s_max", "s_noise", "solver", "clamp_denoised")
+# the hyper-parameters that shape the weights: a checkpoint's must not be contradicted when loading it
+ARCHITECTURE = ("image_size", "channels", "unet")
 
 
-def build_unet(image_size: int, channels: int, unet: dict[str, Any] | None) -> UNet2DModel:
-    """A Fourier-embedding ``UNet2DModel`` for ``channels`` x ``image_size`` x ``image_size`` images."""
+def unet_config(image_size: int, channels: int, unet: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``UNet2DModel`` keyword arguments for ``channels`` x ``image_size`` x ``image_size`` images:
+    ``default_unet_config`` updated with ``unet``; a ``ValueError`` naming a size or channel count it cannot take."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got channels={channels}")
     config = {k: v for k, v in default_unet_config().items() if k not in ("sample_size", "in_channels", "out_channels")}
@@ -36,38 +39,39 @@ def build_unet(image_size: int, channels: int, unet: dict[str, Any] | None) -> U
             f"image_size={image_size} cannot pass the UNet's {len(config['down_block_types']) - 1} down-samplings: "
             f"it must be a positive multiple of {factor}"
         )
-    return UNet2DModel(**config)
-
-
-def dsm_loss(denoiser: VEDenoiser, y: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Per-sample VE denoising score matching: (1 / sigma^2) ||D(y + sigma eps; sigma) - y||^2, mean over elements.
-
-    Equals ||F + eps||^2 (EDM Eq. 2 with lambda(sigma) = 1 / sigma^2, VE column of Table 1). Kept in float32.
-    """
-    c = sigma.reshape(-1, *([1] * (y.ndim - 1)))
-    D = denoiser(y + c * eps, sigma).float()
-    return ((D - y.float()) ** 2 / c.float() ** 2).flatten(1).mean(1)
+    return config
 
 
 class KarrasVeModule(L.LightningModule):
     """A VE score model trained by denoising score matching over log-uniform sigmas, sampled with EDM Algorithm 2.
 
     Args:
-        image_size, channels: the images' size and channel count (the CLI links them to the data).
+        image_size: the images' height and width in pixels (the CLI takes it from ``--data.image_size``).
+        channels: the images' channel count, 1 or 3 (the CLI takes it from ``--data.channels``).
         unet: ``UNet2DModel`` keyword arguments over ``default_unet_config`` (Fourier embedding is required).
-        sigma_min, sigma_max: the VE noise range, for training and sampling.
-        num_steps, schedule, s_churn, s_min, s_max, s_noise, solver: sampler settings (``sample_karras_ve``).
-        clamp_denoised: clip D(x; sigma) to [-1, 1] while sampling (on: images live there; see sample_karras_ve).
-        lr, betas, weight_decay, warmup_steps: AdamW with a linear learning-rate warm-up.
-        ema_decay, ema_warmup: EMA of the weights (``ema_decay=0`` turns it off).
-        grid_size, grid_seed: the validation sample grid, one image per seed grid_seed, grid_seed + 1, ...
-        trajectory_rows, trajectory_cols: the denoising-trajectory strip logged beside it.
-        val_num_sigmas, val_seed: the fixed sigmas and noise of the validation loss.
+        clamp_denoised: clip D(x; sigma) to the data range [-1, 1] while sampling (on for image models, off in
+            Algorithm 2 as written; see ``SamplerSettings``).
+        lr: the peak learning rate of AdamW.
+        betas: AdamW's (beta1, beta2).
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_steps: optimizer steps of linear learning-rate warm-up from 0.
+        ema_decay: the EMA decay of the weights used for validation, sampling and checkpoints (0 turns EMA off).
+        ema_warmup: the EMA's warm-up: its decay is min(ema_decay, (1 + n) / (ema_warmup + n)) at update n.
+        grid_size: samples in the validation grid logged to TensorBoard (0: no grid).
+        grid_seed: the grid's first seed; image k uses seed grid_seed + k.
+        trajectory_rows: grid samples whose denoising trajectory is logged beside the grid.
+        trajectory_cols: steps shown per trajectory.
+        val_num_sigmas: fixed sigmas, log-spaced over [sigma_min, sigma_max], of the validation loss.
+        val_seed: the seed of the validation loss's fixed noise.
         max_bad_steps: stop after this many consecutive steps skipped for a non-finite loss or gradient.
         channels_last: keep the UNet's weights and the training batches in channels-last memory format.
         compile: ``torch.compile`` the UNet in place (state-dict keys unchanged: checkpoints load uncompiled).
-        fid_every_n_epochs, fid_num_samples, fid_features: log ``val/fid`` of that many samples against the
-            training images every n epochs (0: never), on ``"digits"`` or ``"inception"`` features (metrics.py).
+        fid_every_n_epochs: log ``val/fid`` every n epochs (0: never).
+        fid_num_samples: samples per FID, against the training images.
+        fid_features: the FID's features: "digits" (offline) or "inception" (metrics.py).
+        **sampler: the other ``SamplerSettings`` (num_steps, sigma_min, sigma_max, schedule, rho, s_churn, s_min,
+            s_max, s_noise, solver); [sigma_min, sigma_max] is also the training noise range. They are stored flat
+            in the hyper-parameters and can change whenever a checkpoint is loaded.
     """
 
     def __init__(
@@ -75,15 +79,6 @@ class KarrasVeModule(L.LightningModule):
         image_size: int = 8,
         channels: int = 1,
         unet: dict[str, Any] | None = None,
-        sigma_min: float = 0.02,
-        sigma_max: float = 100.0,
-        num_steps: int = 50,
-        schedule: str = "ve",
-        s_churn: float = 80.0,
-        s_min: float = 0.05,
-        s_max: float = 1.0,
-        s_noise: float = 1.007,
-        solver: str = "heun",
         clamp_denoised: bool = True,
         lr: float = 2e-4,
         betas: Sequence[float] = (0.9, 0.999),
@@ -102,18 +97,19 @@ class KarrasVeModule(L.LightningModule):
         compile: bool = False,
         fid_every_n_epochs: int = 0,
         fid_num_samples: int = 1000,
-        fid_features: str = "digits",
+        fid_features: Features = "digits",
+        **sampler: Any,
     ):
         super().__init__()
         self.save_hyperparameters()
-        karras_ve_sigmas(num_steps, sigma_min, sigma_max, schedule)  # validates the sampler's settings early
-        check_churn_and_solver(s_churn, s_min, s_max, s_noise, solver)
+        self.sampler = SamplerSettings(clamp_denoised=clamp_denoised, **sampler)
+        self.hparams.update(self.sampler.to_dict())  # every setting, flat: weights-only loading reads it back
         if lr <= 0 or warmup_steps < 0 or grid_size < 0 or val_num_sigmas < 1:
             raise ValueError(f"need lr > 0, warmup_steps >= 0, grid_size >= 0, val_num_sigmas >= 1; got lr={lr}, "
                              f"warmup_steps={warmup_steps}, grid_size={grid_size}, val_num_sigmas={val_num_sigmas}")
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got max_bad_steps={max_bad_steps}")
-        self.denoiser = VEDenoiser(build_unet(image_size, channels, unet))
+        self.denoiser = VEDenoiser(UNet2DModel(**unet_config(image_size, channels, unet)))
         if fid_every_n_epochs < 0 or fid_num_samples < 2 or fid_features not in FEATURES:
             raise ValueError(f"need fid_every_n_epochs >= 0, fid_num_samples >= 2, fid_features in {FEATURES}; got "
                              f"{fid_every_n_epochs}, {fid_num_samples}, {fid_features!r}")
@@ -121,7 +117,8 @@ class KarrasVeModule(L.LightningModule):
         self.skipped_steps = 0
         self.consecutive_bad_steps = 0
         # fixed validation sigmas, log-spaced over [sigma_min, sigma_max]
-        self.val_sigmas = torch.logspace(math.log10(sigma_min), math.log10(sigma_max), val_num_sigmas).tolist()
+        self.val_sigmas = torch.logspace(math.log10(self.sampler.sigma_min), math.log10(self.sampler.sigma_max),
+                                         val_num_sigmas).tolist()
 
     def setup(self, stage: str) -> None:
         if self.device.type == "cuda":
@@ -134,11 +131,6 @@ class KarrasVeModule(L.LightningModule):
     def _memory_format(self, y: torch.Tensor) -> torch.Tensor:
         return y.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else y
 
-    @property
-    def sampler_settings(self) -> dict[str, Any]:
-        hp = self.hparams
-        return {k: hp[k] for k in SAMPLER_SETTINGS} | dict(sigma_min=hp.sigma_min, sigma_max=hp.sigma_max)
-
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """D(x; sigma)."""
         return self.denoiser(x, sigma)
@@ -147,13 +139,12 @@ class KarrasVeModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         y = self._memory_format(batch)
-        hp = self.hparams
-        u = torch.rand(y.shape[0], device=y.device)
-        sigma = hp.sigma_min * (hp.sigma_max / hp.sigma_min) ** u  # log-uniform on [sigma_min, sigma_max]
-        losses = dsm_loss(self.denoiser, y, sigma, torch.randn_like(y))
+        losses, sigma = ve_loss(self.denoiser, y, self.sampler.sigma_min, self.sampler.sigma_max)
         self._last_sigmas = (sigma.detach(), losses.detach())
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
+        if self._trainer is not None:
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=y.shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -246,7 +237,7 @@ class KarrasVeModule(L.LightningModule):
         for the first ``trajectory_rows`` of them; both [C, H, W] in [0, 1]."""
         hp = self.hparams
         rows = min(hp.trajectory_rows, hp.grid_size)
-        num_steps = hp.num_steps
+        num_steps = self.sampler.num_steps
         keep = set(torch.linspace(0, num_steps - 1, hp.trajectory_cols).round().long().tolist())
         frames: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -267,17 +258,17 @@ class KarrasVeModule(L.LightningModule):
     @torch.no_grad()
     def sample(self, seeds: torch.Tensor | Sequence[int], callback=None, **overrides: Any) -> torch.Tensor:
         """One image per integer seed, each from its own ``torch.Generator``: an image depends only on its seed
-        and the sampler settings (``overrides`` replace the module's), not on the batch or rank. In [-1, 1] units,
-        unclamped. No seeds (a predict batch whose images all exist), no images."""
+        and the sampler settings (the module's, with ``overrides`` of ``SamplerSettings`` fields), not on the batch
+        or rank. In [-1, 1] units, unclamped. No seeds (a predict batch whose images all exist), no images."""
         hp = self.hparams
         seeds = [int(s) for s in seeds]
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        settings = self.sampler_settings | overrides
+        settings = self.sampler.replace(**overrides)
         shape = (len(seeds), hp.channels, hp.image_size, hp.image_size)
         if not seeds:
             return torch.empty(shape, device=self.device)
-        return sample_karras_ve(self.denoiser, shape, generator=gens, device=self.device, callback=callback,
-                                **settings)
+        return sample_karras_ve(self.denoiser, shape, settings=settings, generator=gens, device=self.device,
+                                callback=callback)
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """``batch``: integer seeds [B]. Returns images in [0, 1], [B, C, H, W]."""
@@ -300,7 +291,3 @@ class KarrasVeModule(L.LightningModule):
             return [EMA(self.hparams.ema_decay, self.hparams.ema_warmup)]
         return []
 
-
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1], clamped."""
-    return (x / 2 + 0.5).clamp(0, 1)

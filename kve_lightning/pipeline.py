@@ -12,52 +12,38 @@ diffusers records a component class from outside its own libraries under its mod
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import numbers
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin
 
 from kve_lightning.denoiser import VEDenoiser
-from kve_lightning.module import to_unit
-from kve_lightning.sampling import check_churn_and_solver, karras_ve_sigmas, sample_karras_ve
+from kve_lightning.images import to_unit
+from kve_lightning.sampling import SamplerSettings, sample_karras_ve
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 class KarrasVeLightningScheduler(SchedulerMixin, ConfigMixin):
-    """The settings of EDM Algorithm 2 (``sample_karras_ve``): noise range, schedule (Table 1's VE or Eq. 5's rho
-    schedule), churn (Table 5) and solver. ``num_steps`` is the trained model's default step count; a pipeline
-    call's ``num_inference_steps`` takes precedence. No ``step()``: the pipeline runs the whole sampler."""
+    """The ``SamplerSettings`` of EDM Algorithm 2 as a diffusers config (``scheduler_config.json``), one key per
+    setting; a bad setting fails on load, not on use. ``num_steps`` is the default of a pipeline call's
+    ``num_inference_steps``. No ``step()``: the pipeline runs the whole sampler."""
 
-    @register_to_config
-    def __init__(
-        self,
-        sigma_min: float = 0.02,
-        sigma_max: float = 100.0,
-        num_steps: int = 50,
-        schedule: str = "ve",
-        s_churn: float = 80.0,
-        s_min: float = 0.05,
-        s_max: float = 1.0,
-        s_noise: float = 1.007,
-        solver: str = "heun",
-        rho: float = 7.0,
-        clamp_denoised: bool = False,
-    ):
-        karras_ve_sigmas(num_steps, sigma_min, sigma_max, schedule, rho)  # a bad setting fails on load, not on use
-        check_churn_and_solver(s_churn, s_min, s_max, s_noise, solver)
+    def __init__(self, **settings: Any):
+        self.settings = SamplerSettings(**settings)
+        self.register_to_config(**self.settings.to_dict())
 
-    def sampler_kwargs(self, num_inference_steps: int, **overrides: Any) -> dict[str, Any]:
-        """``sample_karras_ve`` keyword arguments: the config's settings with the non-None ``overrides`` applied,
-        and the ``num_inference_steps``-step schedule as ``sigmas`` (float64, as ``sample_karras_ve`` builds it)."""
-        c = dict(self.config) | {k: v for k, v in overrides.items() if v is not None}
-        sigmas = karras_ve_sigmas(num_inference_steps, c["sigma_min"], c["sigma_max"], c["schedule"], c["rho"],
-                                  dtype=torch.float64)
-        return dict(sigmas=sigmas) | {k: c[k] for k in ("s_churn", "s_min", "s_max", "s_noise", "solver",
-                                                        "clamp_denoised")}
+
+# diffusers reads a config's keys off the __init__ signature: give it the settings' fields
+KarrasVeLightningScheduler.__init__.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields(SamplerSettings)])
 
 
 class KarrasVeLightningPipeline(DiffusionPipeline):
@@ -94,41 +80,31 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
     def __call__(
         self,
         batch_size: int = 1,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         *,
         seeds: Sequence[int] | None = None,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        schedule: str | None = None,
-        rho: float | None = None,
-        s_churn: float | None = None,
-        s_min: float | None = None,
-        s_max: float | None = None,
-        s_noise: float | None = None,
-        solver: str | None = None,
-        clamp_denoised: bool | None = None,
+        **overrides: Any,
     ) -> ImagePipelineOutput | tuple:
         """``batch_size`` images in [0, 1] (``output_type`` "pil", "np" [B, H, W, C] float32, or "pt" [B, C, H, W]).
 
         ``seeds``: one image per seed, each from ``torch.Generator().manual_seed(seed)``, the same images as
-        ``KarrasVeModule.sample(seeds)``; it replaces ``generator`` and sets the batch size. The other keywords
-        override the scheduler's settings for this call; ``num_inference_steps`` is N (NFE = 2N - 1 with Heun).
+        ``KarrasVeModule.sample(seeds)``; it replaces ``generator`` and sets the batch size. ``num_inference_steps``
+        is N (NFE = 2N - 1 with Heun; ``None``: the scheduler's ``num_steps``); the other keywords are
+        ``SamplerSettings`` fields that override the scheduler's settings for this call.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
         batch_size, generator = _batch_and_generator(batch_size, generator, seeds)
-        kwargs = self.scheduler.sampler_kwargs(num_inference_steps, sigma_min=sigma_min, sigma_max=sigma_max,
-                                               schedule=schedule, rho=rho, s_churn=s_churn, s_min=s_min, s_max=s_max,
-                                               s_noise=s_noise, solver=solver, clamp_denoised=clamp_denoised)
+        settings = self.scheduler.settings.replace(**{"num_steps": num_inference_steps} | overrides)
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else size
         shape = (batch_size, self.unet.config.in_channels, height, width)
-        with self.progress_bar(total=num_inference_steps) as bar:
-            x = sample_karras_ve(VEDenoiser(self.unet), shape, generator=generator, device=self.device,
-                                 dtype=self.unet.dtype, callback=lambda *_: bar.update(), **kwargs)
+        with self.progress_bar(total=settings.num_steps) as bar:
+            x = sample_karras_ve(VEDenoiser(self.unet), shape, settings=settings, generator=generator,
+                                 device=self.device, dtype=self.unet.dtype, callback=lambda *_: bar.update())
         images = _to_output(to_unit(x), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -144,10 +120,13 @@ def _own_storage(model: torch.nn.Module) -> None:
 
 def _batch_and_generator(batch_size: int, generator: Any, seeds: Sequence[int] | None) -> tuple[int, Any]:
     """The batch size and generator(s) of a call: one CPU generator per seed when ``seeds`` is given."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
     if seeds is None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
         return batch_size, generator
+    if isinstance(seeds, (str, bytes)) or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                                                   for s in seeds):
+        raise ValueError(f"seeds must be integers, got seeds={seeds!r}")
     seeds = [int(s) for s in seeds]
     if generator is not None:
         raise ValueError("pass either seeds or generator, not both")

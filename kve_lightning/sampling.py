@@ -6,23 +6,113 @@ No framework: the Lightning module, the scripts and the diffusers pipeline all c
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable, Sequence
+import numbers
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Literal, Mapping, Sequence, get_args
 
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
-SCHEDULES = ("ve", "edm")
-SOLVERS = ("heun", "euler")
+Schedule = Literal["ve", "edm"]
+Solver = Literal["heun", "euler"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+SOLVERS: tuple[str, ...] = get_args(Solver)
+MAX_STEPS = 100_000
+MAX_SIGMA = 1e4
 
 
-def _check_range(sigma_min: float, sigma_max: float) -> None:
-    if not sigma_min > 0:
-        raise ValueError(f"sigma_min must be > 0, got sigma_min={sigma_min}")
-    if not sigma_min < sigma_max:
-        raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Every setting of EDM Algorithm 2 (VE column of Table 1), validated once, here.
+
+    Defaults are EDM Table 5's CIFAR-10 VE settings on the VE schedule with sigma in [0.02, 100] and Algorithm 2
+    as written (no clipping). Floats are stored as ``float``; a bad value is a ``ValueError`` that names it.
+    Everything that samples takes or produces one: ``sample_karras_ve``, ``KarrasVeModule`` (flat in its
+    hyper-parameters), the diffusers scheduler config, the sample folders' manifest and the ``kve-sample`` flags.
+
+    Args:
+        num_steps: N, the number of noise levels before sigma_N = 0 (NFE = 2N - 1 with heun, N with euler).
+        sigma_min: the smallest noise level sigma_{N-1} (> 0); also the bottom of the training noise range.
+        sigma_max: the largest noise level sigma_0 (at most 1e4); also the top of the training noise range.
+        schedule: the noise levels: "ve" (EDM Table 1, geometric in sigma) or "edm" (EDM Eq. 5, with rho).
+        rho: the exponent of the "edm" schedule (EDM uses 7).
+        s_churn: S_churn, the total churn: gamma_i = min(S_churn / N, sqrt(2) - 1) inside [s_min, s_max].
+        s_min: S_tmin, the lowest sigma that gets churn.
+        s_max: S_tmax, the highest sigma that gets churn.
+        s_noise: S_noise, the scale of the churn noise (slightly above 1 offsets detail lost to denoising).
+        solver: "heun" (Algorithm 2, second order) or "euler" (its first step only).
+        clamp_denoised: clip D(x; sigma) to the data range [-1, 1] at every step (not part of Algorithm 2; the
+            exact denoiser of data in [-1, 1] lies there, so the clip can only bring a learned one closer to it).
+    """
+
+    num_steps: int = 50
+    sigma_min: float = 0.02
+    sigma_max: float = 100.0
+    schedule: Schedule = "ve"
+    rho: float = 7.0
+    s_churn: float = 80.0
+    s_min: float = 0.05
+    s_max: float = 1.0
+    s_noise: float = 1.007
+    solver: Solver = "heun"
+    clamp_denoised: bool = False
+
+    def __post_init__(self) -> None:
+        steps = self.num_steps
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 2 <= steps <= MAX_STEPS:
+            raise ValueError(f"num_steps must be an integer in [2, {MAX_STEPS}], got num_steps={steps!r}")
+        object.__setattr__(self, "num_steps", int(steps))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                    raise ValueError(f"{f.name} must be a finite number, got {f.name}={value!r}")
+                object.__setattr__(self, f.name, float(value))
+        if not isinstance(self.clamp_denoised, bool):
+            raise ValueError(f"clamp_denoised must be true or false, got clamp_denoised={self.clamp_denoised!r}")
+        for name, choices in (("schedule", SCHEDULES), ("solver", SOLVERS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name}={getattr(self, name)!r}; expected one of {choices}")
+        if not self.sigma_min > 0:
+            raise ValueError(f"sigma_min must be > 0, got sigma_min={self.sigma_min}")
+        if not self.sigma_min < self.sigma_max <= MAX_SIGMA:
+            raise ValueError(f"need sigma_min < sigma_max <= {MAX_SIGMA:g}, got sigma_min={self.sigma_min}, "
+                             f"sigma_max={self.sigma_max}")
+        if not self.rho > 0:
+            raise ValueError(f"rho must be > 0, got rho={self.rho}")
+        for name in ("s_churn", "s_noise", "s_min"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
+        if self.s_min > self.s_max:
+            raise ValueError(f"s_min must be <= s_max, got s_min={self.s_min}, s_max={self.s_max}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> SamplerSettings:
+        """The settings among ``mapping``'s keys (hyper-parameters, a scheduler config, a manifest); the rest of
+        the keys are ignored and missing settings take their defaults."""
+        return cls(**{f.name: mapping[f.name] for f in fields(cls) if f.name in mapping})
+
+    def replace(self, **overrides: Any) -> SamplerSettings:
+        """A copy with the non-``None`` ``overrides`` applied (validated again); a ``ValueError`` for a name that
+        is not a setting."""
+        names = [f.name for f in fields(self)]
+        unknown = [k for k in overrides if k not in names]
+        if unknown:
+            raise ValueError(f"unknown sampler setting(s) {unknown}; expected some of {names}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers, strings and booleans (JSON, checkpoint hyper-parameters)."""
+        return dataclasses.asdict(self)
+
+    def sigmas(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The noise levels sigma_0 > ... > sigma_{N-1} > sigma_N = 0 (``karras_ve_sigmas``)."""
+        return karras_ve_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.schedule, self.rho,
+                                device=device, dtype=dtype)
 
 
 def karras_ve_sigmas(
@@ -39,33 +129,16 @@ def karras_ve_sigmas(
     ``"ve"`` (EDM Table 1, VE column): t_i = sigma_max^2 (sigma_min^2 / sigma_max^2)^(i/(N-1)), sigma = sqrt(t),
     i.e. sigma_i = sigma_max (sigma_min / sigma_max)^(i/(N-1)), geometric in sigma.
     ``"edm"`` (EDM Eq. 5): sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
+    The arguments are validated as ``SamplerSettings``.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-        raise ValueError(f"num_steps must be an integer >= 2, got num_steps={num_steps!r}")
-    _check_range(sigma_min, sigma_max)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule={schedule!r}; expected one of {SCHEDULES}")
+    SamplerSettings(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, schedule=schedule, rho=rho)
     i = torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
     if schedule == "ve":
         sigmas = sigma_max * (sigma_min / sigma_max) ** i
     else:
-        if not rho > 0:
-            raise ValueError(f"rho must be > 0, got rho={rho}")
         sigmas = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
     return sigmas.to(device=device, dtype=dtype)
-
-
-def check_churn_and_solver(s_churn: float, s_min: float, s_max: float, s_noise: float, solver: str) -> None:
-    """Raise a ``ValueError`` naming the first bad stochastic setting or solver."""
-    if s_churn < 0:
-        raise ValueError(f"s_churn must be >= 0, got s_churn={s_churn}")
-    if s_noise < 0:
-        raise ValueError(f"s_noise must be >= 0, got s_noise={s_noise}")
-    if s_min > s_max:
-        raise ValueError(f"s_min must be <= s_max, got s_min={s_min}, s_max={s_max}")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver={solver!r}; expected one of {SOLVERS}")
 
 
 def _check_sigmas(sigmas: torch.Tensor) -> list[float]:
@@ -105,40 +178,26 @@ def sample_karras_ve(
     denoiser: Denoiser,
     shape: Sequence[int],
     *,
+    settings: SamplerSettings | None = None,
     sigmas: torch.Tensor | None = None,
-    num_steps: int = 50,
-    sigma_min: float = 0.02,
-    sigma_max: float = 100.0,
-    schedule: str = "ve",
-    s_churn: float = 80.0,
-    s_min: float = 0.05,
-    s_max: float = 1.0,
-    s_noise: float = 1.007,
-    solver: str = "heun",
-    clamp_denoised: bool = False,
     generator: Generator = None,
     latents: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
+    **overrides: Any,
 ) -> torch.Tensor:
     """EDM Algorithm 2 with sigma(t) = t, s(t) = 1; returns the final sample x_N, unclamped.
 
-    Defaults are EDM Table 5's CIFAR-10 VE settings (S_churn 80, S_tmin 0.05, S_tmax 1, S_noise 1.007) on the
-    VE schedule of Table 1 with sigma in [0.02, 100]. ``sigmas`` (descending, ending in 0) overrides
-    ``num_steps``/``sigma_min``/``sigma_max``/``schedule``. The start is x_0 = sigma_0 * eps unless ``latents``
-    is given (used as is); then one noise tensor eps_i is drawn per step, even where gamma_i = 0, so a step's
-    noise does not depend on the churn window. ``generator`` may be one ``torch.Generator`` or one per batch row.
-    ``solver="euler"`` skips the second-order correction (NFE = N instead of 2N - 1).
-    ``clamp_denoised`` clips every D(x; sigma) to the data range [-1, 1] (not part of Algorithm 2): the exact
-    denoiser E[y | x] of data in [-1, 1] lies there, so the clip leaves it unchanged and can only move a learned
-    one closer to it; it keeps an imprecise high-sigma denoiser from steering samples far off the data range.
-    ``callback(i, sigma_hat, x_hat, denoised)`` is called after each step's first denoiser evaluation.
+    ``settings`` (default ``SamplerSettings()``: Table 5's CIFAR-10 VE settings, 50 steps of the VE schedule on
+    [0.02, 100]) with keyword ``overrides`` of its fields, e.g. ``num_steps=18, s_churn=0``. ``sigmas``
+    (descending, ending in 0) replaces the schedule of the settings. The start is x_0 = sigma_0 * eps unless
+    ``latents`` is given (used as is); then one noise tensor eps_i is drawn per step, even where gamma_i = 0, so a
+    step's noise does not depend on the churn window. ``generator`` may be one ``torch.Generator`` or one per batch
+    row. ``callback(i, sigma_hat, x_hat, denoised)`` is called after each step's first denoiser evaluation.
     """
-    check_churn_and_solver(s_churn, s_min, s_max, s_noise, solver)
-    if sigmas is None:
-        sigmas = karras_ve_sigmas(num_steps, sigma_min, sigma_max, schedule, dtype=torch.float64)
-    sigma = _check_sigmas(sigmas)
+    settings = (settings or SamplerSettings()).replace(**overrides)
+    sigma = _check_sigmas(settings.sigmas() if sigmas is None else sigmas)
     N = len(sigma) - 1
     if latents is not None:
         if tuple(latents.shape) != tuple(shape):
@@ -148,19 +207,19 @@ def sample_karras_ve(
 
     def D(x: torch.Tensor, s: float) -> torch.Tensor:
         denoised = denoiser(x, torch.full((batch,), s, device=x.device, dtype=x.dtype))
-        return denoised.clamp(-1, 1) if clamp_denoised else denoised
+        return denoised.clamp(-1, 1) if settings.clamp_denoised else denoised
 
     x = latents if latents is not None else sigma[0] * randn_per_row(shape, generator, device, dtype)
-    gamma_max = min(s_churn / N, math.sqrt(2) - 1)
+    gamma_max = min(settings.s_churn / N, math.sqrt(2) - 1)
     for i in range(N):
-        gamma = gamma_max if s_min <= sigma[i] <= s_max else 0.0
+        gamma = gamma_max if settings.s_min <= sigma[i] <= settings.s_max else 0.0
         eps = randn_per_row(shape, generator, x.device, x.dtype)
         sigma_hat = (1 + gamma) * sigma[i]
-        x_hat = x + math.sqrt(sigma_hat**2 - sigma[i] ** 2) * s_noise * eps
+        x_hat = x + math.sqrt(sigma_hat**2 - sigma[i] ** 2) * settings.s_noise * eps
         denoised = D(x_hat, sigma_hat)
         d = (x_hat - denoised) / sigma_hat
         x = x_hat + (sigma[i + 1] - sigma_hat) * d
-        if solver == "heun" and sigma[i + 1] != 0:
+        if settings.solver == "heun" and sigma[i + 1] != 0:
             d_prime = (x - D(x, sigma[i + 1])) / sigma[i + 1]
             x = x_hat + (sigma[i + 1] - sigma_hat) * (d + d_prime) / 2
         if callback is not None:

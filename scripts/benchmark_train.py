@@ -53,7 +53,7 @@ def run_plain(config: Path, steps: int, warmup: int, batch_size: int | None, var
     from torch.optim.swa_utils import AveragedModel
 
     from kve_lightning.ema import ema_update
-    from kve_lightning.module import dsm_loss
+    from kve_lightning.denoiser import ve_loss
 
     module, data = build(config, batch_size)
     hp = module.hparams
@@ -68,9 +68,7 @@ def run_plain(config: Path, steps: int, warmup: int, batch_size: int | None, var
         for y in data.train_dataloader():
             if step == warmup:
                 start = time.perf_counter()
-            u = torch.rand(y.shape[0])
-            sigma = hp.sigma_min * (hp.sigma_max / hp.sigma_min) ** u
-            loss = dsm_loss(module.denoiser, y, sigma, torch.randn_like(y)).mean()
+            loss = ve_loss(module.denoiser, y, module.sampler.sigma_min, module.sampler.sigma_max)[0].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny UNet and one short `kve fit` run whose checkpoint several tests sample from."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kve_lightning.cli import cli_main
+from kve_lightning.commands import export_main, sample_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,11 +28,13 @@ def run_kve(*args: str, cwd=None, check=True) -> subprocess.CompletedProcess:
 
 
 def sample_script(argv: list[str]) -> None:
-    """``scripts/sample.py ARGV``, in process."""
-    spec = importlib.util.spec_from_file_location("kve_sample_script", REPO / "scripts" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(argv)
+    """``kve-sample ARGV``, in process."""
+    sample_main(argv)
+
+
+def export_script(argv: list[str]) -> None:
+    """``kve-export ARGV``, in process."""
+    export_main(argv)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import REPO, TINY_MODEL_ARGS, run_kve, sample_script
 from kve_lightning import ImageDataModule
 from kve_lightning.cli import KveCLI, cli_main
-from kve_lightning.module import KarrasVeModule, to_unit
+from kve_lightning.images import to_unit
+from kve_lightning.module import KarrasVeModule
 
 
 def test_fit_writes_checkpoint_and_tensorboard_grid(trained_run):
@@ -45,8 +46,7 @@ def test_checkpoint_holds_ema_weights_and_rebuilds_alone(trained_run):
 def test_validate_runs_from_checkpoint(trained_run, tmp_path):
     root, ckpt = trained_run
     cli_main(["validate", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS,
-              f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path}",
-              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=1",
+              f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_val_batches=1",
               "--trainer.enable_progress_bar=false"])
     assert list(tmp_path.rglob("events.out.tfevents.*"))
 

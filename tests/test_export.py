@@ -1,7 +1,6 @@
 """Export: checkpoint -> diffusers folder (safetensors + JSON only), sampling from it without pickle, diffusers' own
 KarrasVePipeline on it, and bad input (clear errors, nothing half-written)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,15 +17,17 @@ from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeSchedul
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from conftest import REPO, TINY_UNET, sample_script
+from conftest import TINY_UNET, export_script, sample_script
 from kve_lightning.export import export_checkpoint
-from kve_lightning.module import SAMPLER_SETTINGS, KarrasVeModule, to_unit
+from kve_lightning.images import to_unit
+from kve_lightning.module import KarrasVeModule
+from kve_lightning.sampling import SamplerSettings
 from kve_lightning.pipeline import KarrasVeLightningPipeline
 
 EXPORTED_FILES = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                   "scheduler/scheduler_config.json"}
 
-# Runs scripts/sample.py with pickle loading and network connections replaced by an error.
+# Runs the installed kve-sample with pickle loading and network connections replaced by an error.
 NO_PICKLE_NO_NETWORK = """
 import pickle, runpy, socket, sys, torch
 def forbidden(*args, **kwargs):
@@ -35,14 +36,6 @@ torch.load = pickle.load = pickle.loads = socket.socket.connect = forbidden
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-def export_script(argv: list[str]) -> None:
-    """``scripts/export_diffusers.py ARGV``, in process."""
-    spec = importlib.util.spec_from_file_location("kve_export_script", REPO / "scripts" / "export_diffusers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(argv)
 
 
 def files(folder: Path) -> set[str]:
@@ -87,8 +80,8 @@ def test_export_holds_ema_weights_and_sampler_settings_as_safetensors_and_json(e
     assert any(not torch.equal(weights[k], raw[k]) for k in raw)  # the EMA weights, not the raw ones
     config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     hparams = checkpoint["hyper_parameters"]
-    assert {k: config[k] for k in (*SAMPLER_SETTINGS, "sigma_min", "sigma_max")} == {
-        k: hparams[k] for k in (*SAMPLER_SETTINGS, "sigma_min", "sigma_max")}
+    assert SamplerSettings.from_mapping(config) == SamplerSettings.from_mapping(hparams)
+    assert all(k in config for k in SamplerSettings().to_dict())  # every setting written out
     assert json.loads((out / "unet" / "config.json").read_text())["sample_size"] == hparams["image_size"]
 
 
@@ -110,7 +103,7 @@ def test_sample_script_from_folder_offline_and_without_pickle_writes_the_checkpo
     ckpt, out = exported
     seeds = ["--seeds", "3-7,11", "--grid"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", NO_PICKLE_NO_NETWORK, str(REPO / "scripts" / "sample.py"),
+    proc = subprocess.run([sys.executable, "-c", NO_PICKLE_NO_NETWORK, shutil.which("kve-sample"),
                            "--model", str(out), "--out", str(tmp_path / "model"), "--batch-size", "4", *seeds],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -185,7 +178,7 @@ def test_export_bad_checkpoint_exits_2_with_one_line_and_writes_nothing(trained_
     with pytest.raises(SystemExit) as exit_info:
         export_script(["--ckpt", str(bad), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert exit_info.value.code == 2 and err.startswith("kve-export: error: ") and err.count("\n") == 1, err
     assert bad.name in err and needle in err
     assert set(os.listdir(tmp_path)) == before  # no output folder, no temporary folder, and evil.ckpt ran nothing
 

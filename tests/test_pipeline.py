@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import TINY_UNET
 from kve_lightning.export import module_pipeline
 from kve_lightning.images import to_pil
-from kve_lightning.module import KarrasVeModule, to_unit
+from kve_lightning.images import to_unit
+from kve_lightning.module import KarrasVeModule
 from kve_lightning.pipeline import KarrasVeLightningPipeline, KarrasVeLightningScheduler
 
 

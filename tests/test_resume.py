@@ -1,8 +1,9 @@
 """Resuming: `kve fit --ckpt_path` continues a run exactly (from end-of-epoch checkpoints), and an interrupted
-scripts/sample.py or `kve predict` completes its folder without sampling a seed twice or mixing settings."""
+kve-sample or `kve predict` completes its folder without sampling a seed twice or mixing settings."""
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,13 +14,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
 from conftest import REPO, TINY_MODEL_ARGS, TINY_UNET, run_kve, sample_script
 from kve_lightning import ImageDataModule, KarrasVeModule
-from kve_lightning.cli import cli_main
+from kve_lightning.cli import KveCLI, cli_main
 from kve_lightning.rng import get_rng_states, set_rng_states
 
 CONFIG = f"--config={REPO / 'configs' / 'digits.yaml'}"
@@ -112,12 +112,19 @@ def test_kve_fit_ckpt_path_last_resumes_in_a_fresh_process(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_keep_last_ckpt_in_a_fixed_folder(config):
-    cfg = yaml.safe_load(config.read_text())
-    checkpoints = [c["init_args"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith(".ModelCheckpoint")]
-    name = cfg["trainer"]["logger"]["init_args"]["name"]
-    assert len(checkpoints) == 1 and checkpoints[0]["save_last"] is True
-    assert checkpoints[0]["dirpath"] == f"runs/{name}/checkpoints"
+def test_shipped_configs_keep_the_run_under_its_root(config, tmp_path, monkeypatch):
+    """Every shipped config: checkpoints (last.ckpt included) under ROOT/checkpoints, TensorBoard under ROOT, where
+    ROOT is the config's runs/<name> or whatever --trainer.default_root_dir says."""
+    monkeypatch.chdir(tmp_path)
+    for extra, root in (([], Path("runs") / config.stem), ([f"--trainer.default_root_dir={tmp_path / 'D'}"],
+                                                            tmp_path / "D")):
+        cli = KveCLI(KarrasVeModule, ImageDataModule, run=False,
+                     args=[f"--config={config}", "--trainer.accelerator=cpu", "--trainer.devices=1",
+                           "--trainer.strategy=auto", *extra])
+        checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+        assert len(checkpoints) == 1 and checkpoints[0].save_last is True
+        assert Path(checkpoints[0].dirpath).resolve() == (root / "checkpoints").resolve()
+        assert Path(cli.trainer.logger.save_dir).resolve() == root.resolve()
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -145,11 +152,11 @@ def test_killed_sample_script_resumes_to_the_uninterrupted_files(trained_run, tm
     _, ckpt = trained_run
     args = ["--ckpt", str(ckpt), "--seeds", "0-39"]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "sample.py"), *args, "--out", str(out),
+    proc = subprocess.Popen([shutil.which("kve-sample"), *args, "--out", str(out),
                              "--batch-size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while len(list(out.glob("*.png"))) < 3:
-            assert proc.poll() is None, "sample.py ended before it was killed"
+            assert proc.poll() is None, "kve-sample ended before it was killed"
             time.sleep(0.005)
     finally:
         proc.send_signal(signal.SIGKILL)

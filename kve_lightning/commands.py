@@ -1,0 +1,164 @@
+"""The console scripts ``kve-sample`` and ``kve-export`` (``kve`` itself is ``cli.py``).
+
+Both take the sampler's flags, generated from ``SamplerSettings``' fields, types and ``Args:`` docs; a flag left
+out keeps the model's setting. Bad input ends in one line on stderr and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
+
+import docstring_parser
+import torch
+from tqdm import tqdm
+
+from kve_lightning.checkpoint import load_checkpoint_module
+from kve_lightning.data import parse_seeds
+from kve_lightning.export import export_checkpoint
+from kve_lightning.images import (check_sample_folder, existing_seeds, open_sample_folder, prepare_output_dir,
+                                  sample_manifest, save_grid, save_png, seed_path, to_unit)
+from kve_lightning.pipeline import KarrasVeLightningPipeline
+from kve_lightning.sampling import SamplerSettings
+
+Sampler = Callable[[list[int]], torch.Tensor]
+SHORT_FLAGS = {"num_steps": "--steps"}  # an extra, shorter spelling
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``SamplerSettings`` field (``--s-churn`` for ``s_churn``), its help from the field's ``Args:``
+    entry; choices for ``Literal`` fields, ``--x/--no-x`` for booleans; all default to ``None`` (the model's)."""
+    group = parser.add_argument_group("sampler settings (default: the model's own)")
+    docs = {p.arg_name: " ".join(p.description.split()) for p in docstring_parser.parse(SamplerSettings.__doc__).params}
+    hints = get_type_hints(SamplerSettings)
+    for f in fields(SamplerSettings):
+        flags = [f"--{f.name.replace('_', '-')}"] + ([SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else [])
+        hint = hints[f.name]
+        if hint is bool:
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=docs[f.name])
+        elif get_origin(hint) is Literal:
+            group.add_argument(*flags, dest=f.name, choices=get_args(hint), help=docs[f.name])
+        else:
+            group.add_argument(*flags, dest=f.name, type=hint, metavar=f.name.upper(), help=docs[f.name])
+
+
+def sampler_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler flags that were given."""
+    return {f.name: getattr(args, f.name) for f in fields(SamplerSettings) if getattr(args, f.name) is not None}
+
+
+def fail(parser: argparse.ArgumentParser, err: BaseException) -> None:
+    parser.exit(2, f"{parser.prog}: error: {' '.join(str(err).split())}\n")
+
+
+def load_pipeline(model_dir: str | Path, device: torch.device) -> KarrasVeLightningPipeline:
+    """The pipeline an exported folder holds, read from safetensors and JSON only (``use_safetensors=True``)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {str(path)!r} " + (
+            "is a file, not a folder written by kve-export" if path.exists() else "does not exist"))
+    try:
+        pipe = KarrasVeLightningPipeline.from_pretrained(path, use_safetensors=True)
+    except Exception as err:  # missing parts, corrupt JSON or safetensors, another pipeline's folder
+        raise ValueError(f"cannot load model folder {str(path)!r}: {err}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_sampler(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Sampler, dict[str, Any]]:
+    """``seeds -> images`` [B, C, H, W] in [0, 1] from --ckpt or --model (the same images) with the sampler
+    ``overrides``, and the manifest of those images (a ``ValueError`` for invalid settings)."""
+    device = torch.device(args.device)
+    if args.ckpt is not None:
+        module = load_checkpoint_module(args.ckpt).to(device)
+        settings = module.sampler.replace(**overrides)
+        return lambda seeds: to_unit(module.sample(seeds, **overrides)), sample_manifest(module.denoiser.unet, settings)
+    pipe = load_pipeline(args.model, device)
+    settings = pipe.scheduler.settings.replace(**overrides)
+    return (lambda seeds: pipe(seeds=seeds, output_type="pt", **settings.to_dict()).images,
+            sample_manifest(pipe.unet, settings))
+
+
+SAMPLE_DOC = """Checkpoint or exported folder -> PNGs: the EMA weights, the stochastic Karras VE sampler.
+
+    kve-sample --ckpt runs/digits/checkpoints/last.ckpt --out samples/digits --seeds 0-63 --grid
+    kve-sample --model exported/digits --out samples/digits --seeds 0-63 --grid --steps 18 --s-churn 0
+
+Writes {seed:06d}.png per seed (and grid.png with --grid), the same bytes as `kve predict` for the same seeds and
+sampler settings, from a checkpoint (--ckpt, a pickle read weights-only: trust only your own) or from a folder
+written by kve-export (--model: safetensors and JSON, no pickle). Sampler flags override the stored settings.
+
+Each PNG is written atomically, and the folder's manifest.json records the weights' SHA-256, the image size and the
+sampler settings (the same manifest as `kve predict`'s). Rerun an interrupted command and it samples only the seeds
+whose PNG is missing (--no-skip-existing: all of them again); a folder whose manifest differs is refused (exit 2).
+"""
+
+
+def sample_main(argv: list[str] | None = None) -> None:
+    """``kve-sample``."""
+    p = argparse.ArgumentParser(prog="kve-sample", description=SAMPLE_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="a checkpoint written by `kve fit` (a pickle: trusted sources only)")
+    source.add_argument("--model", help="a folder written by kve-export (no pickle)")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--seeds", default="0-63", help='seeds, e.g. "0-63" or "0-9,20" (default 0-63)')
+    p.add_argument("--batch-size", type=int, default=64, help="images sampled at once (default 64)")
+    p.add_argument("--grid", action="store_true", help="also write grid.png")
+    p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave out the seeds whose PNG is already in --out (default); a folder of other weights or "
+                        "settings is refused either way")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to sample on (default: cuda if available, else cpu)")
+    add_sampler_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        sample, manifest = load_sampler(args, sampler_overrides(args))
+        out = prepare_output_dir(args.out)
+        check_sample_folder(out, manifest)
+    except (ValueError, OSError) as err:
+        fail(p, err)
+    open_sample_folder(out, manifest)
+    done = existing_seeds(out, seeds) if args.skip_existing else set()
+    todo = [s for s in seeds if s not in done]
+    with tqdm(total=len(seeds), initial=len(done), unit="img", desc="sampling") as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            for seed, image in zip(batch, sample(batch)):
+                save_png(image, seed_path(out, seed))
+            bar.update(len(batch))
+    if args.grid:
+        save_grid(out, seeds)
+    print(f"wrote {len(todo)} images to {out} ({len(done)} were there)", file=sys.stderr)
+
+
+EXPORT_DOC = """Checkpoint -> diffusers folder: the EMA weights as safetensors, the sampler settings as the scheduler config.
+
+    kve-export --ckpt runs/digits/checkpoints/last.ckpt --out exported/digits [--steps 18 --s-churn 0]
+
+Load the folder with `KarrasVeLightningPipeline.from_pretrained(DIR)` or sample it with `kve-sample --model DIR`;
+its `unet/` also loads into diffusers' own `KarrasVePipeline` (3-channel models). Sampler flags replace the
+checkpoint's settings in the exported scheduler config. Refuses an existing non-empty --out unless --overwrite.
+"""
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    """``kve-export``."""
+    p = argparse.ArgumentParser(prog="kve-export", description=EXPORT_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by `kve fit` (a pickle: trusted sources only)")
+    p.add_argument("--out", required=True, help="the folder to write (must be missing or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    add_sampler_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, **sampler_overrides(args))
+    except (ValueError, OSError) as err:
+        fail(p, err)
+    print(f"exported {args.ckpt} to {out}", file=sys.stderr)

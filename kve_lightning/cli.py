@@ -55,6 +55,13 @@ class KveCLI(LightningCLI):
         check_architecture(config.model, hparams, path)
         config.ckpt_path, config.weights_only = str(path), True
 
+    def before_instantiate_classes(self) -> None:
+        """``kve predict`` writes its sample folder only (its manifest.json records the settings): no config.yaml,
+        no empty TensorBoard folder."""
+        if self.config.get("subcommand") == "predict":
+            self.save_config_callback = None
+            self.config.predict.trainer.logger = False
+
     def _parse_ckpt_path(self) -> None:
         """Done in ``parse_arguments``: LightningCLI's own would let the checkpoint override the flags."""
 

@@ -19,7 +19,7 @@ from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeSchedul
 from tqdm import tqdm
 
 from kve_lightning.data import digits_images
-from kve_lightning.export import load_checkpoint_module
+from kve_lightning.checkpoint import load_checkpoint_module
 from kve_lightning.metrics import build_fid, digits_fid_floor
 from kve_lightning.sampling import randn_per_row, sample_karras_ve
 

@@ -1,4 +1,4 @@
-"""Bad input to `kve fit`, `kve predict` and scripts/sample.py: a non-zero exit, a message that names the offending
+"""Bad input to `kve fit`, `kve predict` and kve-sample: a non-zero exit, a message that names the offending
 key, value or file, no traceback, and every file that was there before left as it was (nothing new either)."""
 
 import warnings
@@ -68,6 +68,10 @@ FIT_CASES = [
     (["--data.predict_seeds=a"], ["'a'"]),
     (["--data.predict_seeds=-1"], ["-1"]),
     (["--config={tmp}/typo.yaml"], ["num_stepz"]),
+    (["--model.s_churn=nan"], ["s_churn=nan"]),
+    (["--model.sigma_max=inf"], ["sigma_max=inf"]),
+    (["--model.schedule=cosine"], ["cosine"]),
+    (["--ckpt_path=last"], ["--ckpt_path last", "no last.ckpt"]),
 ]
 
 
@@ -84,6 +88,16 @@ PREDICT_CASES = [
     (["--ckpt_path={tmp}/foreign.ckpt"], ["foreign.ckpt", "not a kve-lightning checkpoint"]),
     (["--ckpt_path={ckpt}", "--writer.output_dir={tmp}/file"], ["file", "not a directory"]),
     (["--ckpt_path={ckpt}", "--writer.output_dir={tmp}/file/out"], ["file/out"]),
+    (["--ckpt_path={ckpt}", "--model.unet={{}}"], ["block_out_channels=[32, 64] here but [16, 32]",
+                                                   "down_block_types"]),
+    (["--ckpt_path={ckpt}", "--data.image_size=16"], ["image_size=16 here but 8"]),
+    (["--ckpt_path={ckpt}", "--data.channels=3"], ["channels=3 here but 1"]),
+    (["--ckpt_path={ckpt}", "--model.num_steps=1"], ["num_steps=1"]),
+    (["--ckpt_path={ckpt}", "--model.s_noise=inf"], ["s_noise=inf"]),
+    (["--ckpt_path={ckpt}", "--weights_only=false"], ["--weights_only false is refused"]),
+    (["--ckpt_path=last"], ["--ckpt_path last", "no last.ckpt"]),
+    (["--ckpt_path=http://127.0.0.1:9/model.ckpt"], ["http://127.0.0.1:9/model.ckpt", "local checkpoint files only"]),
+    (["--ckpt_path={tmp}"], ["is a directory"]),
 ]
 
 
@@ -105,6 +119,10 @@ SAMPLE_CASES = [
     (["--s-noise", "-1"], ["s_noise=-1"]),
     (["--s-min", "2"], ["s_min=2"]),
     (["--schedule", "cosine"], ["cosine"]),
+    (["--s-churn", "nan"], ["s_churn=nan"]),
+    (["--sigma-max", "1e30"], ["sigma_max=1e+30"]),
+    (["--rho", "0"], ["rho=0"]),
+    (["--ckpt", "{tmp}"], ["is a directory"]),
     (["--ckpt", "{tmp}/missing.ckpt"], ["missing.ckpt", "does not exist"]),
     (["--ckpt", "{tmp}/truncated.ckpt"], ["truncated.ckpt", "not a readable checkpoint"]),
     (["--ckpt", "{tmp}/foreign.ckpt"], ["foreign.ckpt", "not a kve-lightning checkpoint"]),

@@ -1,5 +1,11 @@
 """End to end through the `kve` CLI and scripts/sample.py: fit, validate, TensorBoard grids, predict, PNG files."""
 
+import dataclasses
+import json
+import os
+import re
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +17,7 @@ from kve_lightning import ImageDataModule
 from kve_lightning.cli import KveCLI, cli_main
 from kve_lightning.images import to_unit
 from kve_lightning.module import KarrasVeModule
+from kve_lightning.sampling import SamplerSettings
 
 
 def test_fit_writes_checkpoint_and_tensorboard_grid(trained_run):
@@ -93,3 +100,113 @@ def test_shipped_configs_build(config, tmp_path, monkeypatch):
     assert unet_config.sample_size == 16 == cli.model.hparams.image_size
     assert unet_config.in_channels == cli.datamodule.hparams.channels == unet_config.out_channels
     assert unet_config.time_embedding_type == "fourier"
+
+
+# ------------------------------------------------------------------ sampler settings on a checkpoint
+
+
+def manifest_sampler(folder):
+    return json.loads((folder / "manifest.json").read_text())["sampler"]
+
+
+def test_predict_applies_sampler_flags_over_the_checkpoint(trained_run, tmp_path, monkeypatch):
+    """No config: the architecture and settings come from the checkpoint (trained with 4 steps and Table 5 churn),
+    the flags replace the settings they name; the PNGs are kve-sample's with the same flags, byte for byte."""
+    _, ckpt = trained_run
+    monkeypatch.chdir(tmp_path)
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hparams["num_steps"] == 4 and hparams["s_churn"] == 80.0 and hparams["clamp_denoised"] is True
+
+    def predict(out, *flags):
+        cli_main(["predict", f"--ckpt_path={ckpt}", "--data.predict_seeds=3-5", f"--writer.output_dir={out}",
+                  "--trainer.enable_progress_bar=false", *flags])
+        return manifest_sampler(out)
+
+    stored = SamplerSettings.from_mapping(hparams).to_dict()
+    assert predict(tmp_path / "flags", "--model.num_steps=3", "--model.s_churn=0") == stored | {
+        "num_steps": 3, "s_churn": 0.0}
+    assert predict(tmp_path / "churn", "--model.s_churn=0") == stored | {"s_churn": 0.0}  # 4 steps, as trained
+    # with the config of the run: its settings apply (it gives all of them), flags on top
+    cli_main(["predict", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS, f"--ckpt_path={ckpt}",
+              "--model.num_steps=3", "--model.s_churn=0", "--data.predict_seeds=3-5",
+              f"--writer.output_dir={tmp_path / 'config'}", "--trainer.logger=false"])
+    sample_script(["--ckpt", str(ckpt), "--seeds", "3-5", "--steps", "3", "--s-churn", "0",
+                   "--out", str(tmp_path / "kve-sample"), "--grid"])
+    expected = _pngs(tmp_path / "kve-sample")
+    assert len(expected) == 4 and _pngs(tmp_path / "flags") == expected == _pngs(tmp_path / "config")
+    assert _pngs(tmp_path / "churn") != expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["churn", "config", "flags", "kve-sample"]  # nothing else
+
+
+def test_validate_samples_its_grid_with_the_given_settings(trained_run, tmp_path):
+    """`kve validate --model.num_steps 2`: the trajectory strip has one column per step kept, here 2 (not 3)."""
+    _, ckpt = trained_run
+    cli_main(["validate", f"--ckpt_path={ckpt}", "--model.num_steps=2", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"])
+    events = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0}).Reload()
+    assert acc.Images("samples/trajectory")[-1].width == 2 * 9 + 1
+
+
+# ------------------------------------------------------------------ one folder per run
+
+
+def test_default_root_dir_holds_the_whole_run_and_last_resumes_there(tmp_path, monkeypatch):
+    work, root = tmp_path / "work", tmp_path / "elsewhere" / "D"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = ["fit", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS, f"--trainer.default_root_dir={root}",
+            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.check_val_every_n_epoch=1",
+            "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--data.batch_size=16"]
+    cli_main([*args, "--trainer.max_epochs=1"])
+    assert list(work.iterdir()) == []  # nothing under ./runs or anywhere else
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    assert list(root.rglob("events.out.tfevents.*")) and list(root.rglob("config.yaml"))
+    cli_main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # resumed at 2
+    assert list(work.iterdir()) == []
+
+
+# ------------------------------------------------------------------ help
+
+
+def option_help(text: str) -> dict[str, str]:
+    """``--option: description`` of an argparse help text, the "(type: ..., default: ...)" part left out."""
+    blocks: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^  (--[\w.-]+)(.*)$", line)
+        if m:
+            current = m[1]
+            rest = re.split(r"\s{2,}", m[2].strip(), maxsplit=1)
+            blocks[current] = rest[1] if len(rest) == 2 else ""
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return {k: re.sub(r"\(type: .*", "", v).strip() for k, v in blocks.items()}
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "predict"])
+def test_every_model_data_and_writer_option_explains_itself(subcommand):
+    proc = subprocess.run(["kve", subcommand, "--help"], capture_output=True, text=True,
+                          env=os.environ | {"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    options = {k: v for k, v in option_help(proc.stdout).items() if k.split(".")[0] in ("--model", "--data", "--writer")
+               and "." in k}
+    assert len(options) >= 45 and {"--model.num_steps", "--model.rho", "--data.dataset", "--writer.output_dir"} <= set(
+        options)
+    assert [k for k, v in options.items() if not v] == []
+    for choice in ("{ve,edm}", "{heun,euler}", "{digits,mnist,fashion_mnist,cifar10,folder}", "{digits,inception}"):
+        assert choice in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["kve-sample", "kve-export"])
+def test_installed_commands_have_a_flag_with_help_for_every_sampler_setting(command):
+    proc = subprocess.run([command, "--help"], capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    options = option_help(proc.stdout)
+    for f in dataclasses.fields(SamplerSettings):
+        flag = f"--{f.name.replace('_', '-')}"
+        assert options.get(flag), (flag, proc.stdout[-3000:])
+    assert "--steps" in proc.stdout and "{ve,edm}" in proc.stdout

@@ -1,6 +1,7 @@
 """KarrasVeLightningPipeline: diffusers' KarrasVePipeline call and outputs, our sampler's images, config round-trip."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -74,6 +75,13 @@ def test_default_call_uses_the_scheduler_settings(module, pipe):
     torch.testing.assert_close(image, to_unit(module.sample([2])), rtol=0, atol=1e-5)
 
 
+def test_num_inference_steps_defaults_to_the_schedulers(pipe):
+    assert pipe.scheduler.config.num_steps == 3
+    default = pipe(seeds=[1], output_type="pt").images
+    torch.testing.assert_close(default, pipe(seeds=[1], num_inference_steps=3, output_type="pt").images, rtol=0, atol=0)
+    assert not torch.equal(default, pipe(seeds=[1], num_inference_steps=4, output_type="pt").images)
+
+
 def test_progress_bar_counts_steps(pipe, capsys):
     pipe.set_progress_bar_config(disable=False)
     try:
@@ -94,10 +102,16 @@ def test_progress_bar_counts_steps(pipe, capsys):
         (dict(schedule="cosine"), "'cosine'"),
         (dict(s_min=2.0, s_max=1.0), "s_min=2.0"),
         (dict(num_inference_steps=1), "num_steps=1"),
+        (dict(seeds="12"), "seeds='12'"),
+        (dict(batch_size=2.5), "batch_size=2.5"),
+        (dict(clamp_denoised="no"), "clamp_denoised='no'"),
+        (dict(sigma_max=1e300), "sigma_max=1e+300"),
+        (dict(s_churn=float("nan")), "s_churn=nan"),
+        (dict(num_stepz=3), "num_stepz"),
     ],
 )
 def test_bad_call_names_the_value(pipe, kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
         pipe(**kwargs)
 
 

@@ -1,11 +1,13 @@
 """Algorithm 2 against exact math: closed-form denoisers and the exact probability-flow ODE."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from kve_lightning import karras_ve_sigmas, sample_karras_ve
+from kve_lightning.sampling import SamplerSettings
 from kve_lightning.exact import GaussianMixture, gaussian_pf_ode_solution
 
 
@@ -79,6 +81,68 @@ def test_bad_schedule_arguments(kwargs, name):
     args = dict(num_steps=10) | kwargs
     with pytest.raises(ValueError, match=name):
         karras_ve_sigmas(**args)
+
+
+BAD_SETTINGS = [
+    (dict(num_steps=1), "num_steps=1"),
+    (dict(num_steps=10**12), "num_steps=1000000000000"),
+    (dict(num_steps=2.5), "num_steps=2.5"),
+    (dict(num_steps=True), "num_steps=True"),
+    (dict(sigma_min=0.0), "sigma_min=0"),
+    (dict(sigma_max=1e30), "sigma_max=1e+30"),
+    (dict(sigma_max=math.inf), "sigma_max=inf"),
+    (dict(s_churn=math.nan), "s_churn=nan"),
+    (dict(s_noise=math.inf), "s_noise=inf"),
+    (dict(s_min=-0.1), "s_min=-0.1"),
+    (dict(s_max=math.nan), "s_max=nan"),
+    (dict(rho=0.0), "rho=0"),
+    (dict(rho="7"), "rho='7'"),
+    (dict(s_churn=None), "s_churn=None"),
+    (dict(clamp_denoised="no"), "clamp_denoised='no'"),
+    (dict(clamp_denoised=1), "clamp_denoised=1"),
+    (dict(schedule="cosine"), "'cosine'"),
+    (dict(solver="rk4"), "'rk4'"),
+]
+
+
+@pytest.mark.parametrize("kwargs, needle", BAD_SETTINGS, ids=[str(k) for k, _ in BAD_SETTINGS])
+def test_sampler_settings_name_every_bad_value(kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        SamplerSettings(**kwargs)
+    assert needle in str(err.value)
+    if None in kwargs.values():
+        return  # an override of None means "not given"
+    for door in (lambda: SamplerSettings().replace(**kwargs), lambda: sample_karras_ve(lambda x, s: x, (1, 1, 2, 2),
+                                                                                        **kwargs)):
+        with pytest.raises(ValueError) as err:
+            door()
+        assert needle in str(err.value)
+
+
+def test_sampler_settings_normalise_replace_and_round_trip():
+    settings = SamplerSettings(num_steps=18, s_churn=0, sigma_max=10)
+    assert settings.s_churn == 0.0 and isinstance(settings.s_churn, float) and isinstance(settings.sigma_max, float)
+    assert settings.replace(num_steps=None, s_noise=1.0) == SamplerSettings(num_steps=18, s_churn=0.0,
+                                                                          sigma_max=10.0, s_noise=1.0)
+    with pytest.raises(ValueError, match="num_stepz"):
+        settings.replace(num_stepz=3)
+    assert SamplerSettings.from_mapping(settings.to_dict() | {"lr": 1.0}) == settings
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.num_steps = 3
+    torch.testing.assert_close(settings.sigmas(), karras_ve_sigmas(18, 0.02, 10.0, dtype=torch.float64),
+                               rtol=0, atol=0)
+
+
+def test_sample_karras_ve_takes_settings_or_keywords_alike():
+    mixture = three_gaussians()
+    settings = SamplerSettings(num_steps=5, schedule="edm", rho=5.0, s_churn=10.0, s_max=50.0, solver="euler")
+    a = sample_karras_ve(mixture.denoiser, (3, 1, 4, 4), settings=settings, generator=torch.Generator().manual_seed(0))
+    b = sample_karras_ve(mixture.denoiser, (3, 1, 4, 4), generator=torch.Generator().manual_seed(0),
+                         **settings.to_dict())
+    c = sample_karras_ve(mixture.denoiser, (3, 1, 4, 4), settings=settings.replace(rho=7.0),
+                         generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)  # rho reaches the schedule
 
 
 # ---------------------------------------------------------------- exact distributions

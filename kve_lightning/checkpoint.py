@@ -7,13 +7,12 @@ from pathlib import Path
 
 import torch
 
-from kve_lightning.module import KarrasVeModule
-
 
 def read_checkpoint(ckpt: str | Path) -> dict:
     """A `kve fit` checkpoint, read with ``torch.load(weights_only=True)`` (no arbitrary unpickling); a
-    ``FileNotFoundError`` or ``ValueError`` naming the file if it is missing, unreadable or not a kve-lightning
-    checkpoint (no ``denoiser.unet.*`` weights in ``state_dict`` or no ``hyper_parameters``)."""
+    ``FileNotFoundError`` or ``ValueError`` naming the file if it is missing, unreadable, not a kve-lightning
+    checkpoint (no ``denoiser.unet.*`` weights in ``state_dict`` or no ``hyper_parameters``) or holds non-finite
+    weights."""
     path = Path(ckpt)
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint {str(path)!r} is a directory, not a .ckpt file")
@@ -32,18 +31,12 @@ def read_checkpoint(ckpt: str | Path) -> dict:
             k.startswith("denoiser.unet.") for k in state):
         raise ValueError(f"{str(path)!r} is not a kve-lightning checkpoint: it has no denoiser.unet.* weights "
                          f"in state_dict or no hyper_parameters")
+    check_finite(state, str(path))
     return checkpoint
 
 
-def load_checkpoint_module(ckpt: str | Path) -> KarrasVeModule:
-    """The ``KarrasVeModule`` a checkpoint holds (``read_checkpoint``), in eval mode; a ``ValueError`` naming the
-    file if its hyper-parameters and weights do not make one."""
-    path = Path(ckpt)
-    checkpoint = read_checkpoint(path)
-    state, hparams = checkpoint["state_dict"], checkpoint["hyper_parameters"]
-    try:
-        module = KarrasVeModule(**{k: v for k, v in hparams.items() if not k.startswith("_")})
-        module.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError) as err:  # hparams or weights of another model version
-        raise ValueError(f"{str(path)!r} does not match KarrasVeModule: {err}") from None
-    return module.eval()
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """A ``ValueError`` naming the first tensor with a NaN or infinite value (such weights sample black images)."""
+    for name, tensor in tensors.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not tensor.isfinite().all():
+            raise ValueError(f"{where!r} holds non-finite weights in {name}: refusing to use them")

@@ -156,16 +156,17 @@ def check_architecture(model, hparams: dict[str, Any], path: Path) -> None:
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of ``kve`` and ``python -m kve_lightning``; ``args`` replaces ``sys.argv[1:]``.
 
-    Bad input (a ``ValueError`` or ``OSError`` naming the value) ends in one line on stderr and exit code 2;
-    ``KVE_TRACEBACK=1`` shows the whole traceback instead.
+    Bad input (a ``ValueError`` or ``OSError`` naming the value) ends in one line on stderr and exit code 2; a
+    diverged training run (``max_bad_steps`` non-finite steps in a row) in one line and exit code 3, its earlier
+    checkpoints kept. ``KVE_TRACEBACK=1`` shows the whole traceback instead.
     """
     try:
         KveCLI(KarrasVeModule, ImageDataModule, save_config_kwargs={"overwrite": True}, args=args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:
         if os.environ.get("KVE_TRACEBACK") == "1":
             raise
         print(f"kve: error: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(3 if isinstance(err, FloatingPointError) else 2)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ import docstring_parser
 import torch
 from tqdm import tqdm
 
-from kve_lightning.checkpoint import load_checkpoint_module
 from kve_lightning.data import parse_seeds
 from kve_lightning.export import export_checkpoint
 from kve_lightning.images import (check_sample_folder, existing_seeds, open_sample_folder, prepare_output_dir,
                                   sample_manifest, save_grid, save_png, seed_path, to_unit)
+from kve_lightning.module import KarrasVeModule
 from kve_lightning.pipeline import KarrasVeLightningPipeline
 from kve_lightning.sampling import SamplerSettings
 
@@ -68,12 +68,25 @@ def load_pipeline(model_dir: str | Path, device: torch.device) -> KarrasVeLightn
     return pipe.to(device)
 
 
+def parse_device(name: str) -> torch.device:
+    """A torch device that exists here; a ``ValueError`` naming it otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    missing_cuda = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    if not available.get(device.type, True) or missing_cuda:
+        raise ValueError(f"--device {name!r} is not available on this machine")
+    return device
+
+
 def load_sampler(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Sampler, dict[str, Any]]:
     """``seeds -> images`` [B, C, H, W] in [0, 1] from --ckpt or --model (the same images) with the sampler
     ``overrides``, and the manifest of those images (a ``ValueError`` for invalid settings)."""
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     if args.ckpt is not None:
-        module = load_checkpoint_module(args.ckpt).to(device)
+        module = KarrasVeModule.from_checkpoint(args.ckpt).to(device)
         settings = module.sampler.replace(**overrides)
         return lambda seeds: to_unit(module.sample(seeds, **overrides)), sample_manifest(module.denoiser.unet, settings)
     pipe = load_pipeline(args.model, device)
@@ -122,10 +135,12 @@ def sample_main(argv: list[str] | None = None) -> None:
         sample, manifest = load_sampler(args, sampler_overrides(args))
         out = prepare_output_dir(args.out)
         check_sample_folder(out, manifest)
+        if args.grid and (out / "grid.png").is_dir():
+            raise IsADirectoryError(f"{str(out / 'grid.png')!r} is a directory: cannot write the grid there")
+        open_sample_folder(out, manifest)
     except (ValueError, OSError) as err:
         fail(p, err)
-    open_sample_folder(out, manifest)
-    done = existing_seeds(out, seeds) if args.skip_existing else set()
+    done = existing_seeds(out, seeds, manifest) if args.skip_existing else set()
     todo = [s for s in seeds if s not in done]
     with tqdm(total=len(seeds), initial=len(done), unit="img", desc="sampling") as bar:
         for start in range(0, len(todo), args.batch_size):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator, Literal, Sequence, get_args
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
@@ -19,8 +20,12 @@ DATASETS: tuple[str, ...] = get_args(DatasetName)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+MAX_SEEDS = 1_000_000
+
+
 def parse_seeds(seeds: str | int | Sequence[int]) -> list[int]:
-    """``"0-63"`` (inclusive), ``"0-9,20,30-32"``, an int or a list of ints -> list of non-negative seeds."""
+    """``"0-63"`` (inclusive), ``"0-9,20,30-32"``, an int or a list of ints -> list of non-negative seeds, at most
+    ``MAX_SEEDS`` of them (counted before any list is built: split larger jobs into several commands)."""
     if isinstance(seeds, bool):
         raise ValueError(f"malformed seeds {seeds!r}")
     if isinstance(seeds, int):
@@ -34,6 +39,8 @@ def parse_seeds(seeds: str | int | Sequence[int]) -> list[int]:
             a, b = int(m[1]), int(m[2] if m[2] is not None else m[1])
             if b < a:
                 raise ValueError(f"malformed seeds {seeds!r}: range {part!r} is descending")
+            if len(items) + b - a + 1 > MAX_SEEDS:
+                raise ValueError(f"seeds {seeds!r} name more than {MAX_SEEDS:,} seeds: split them over several runs")
             items.extend(range(a, b + 1))
     else:
         items = list(seeds)
@@ -56,6 +63,16 @@ def digits_images(image_size: int, channels: int) -> torch.Tensor:
     if image_size != 8:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     return (x.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit integer grayscale images ("I;16*", "I") scaled to 8-bit "L" by their bit depth (PIL's own
+    conversion clips them to white); other modes as they are."""
+    if not image.mode.startswith("I"):
+        return image
+    depth = 16 if image.mode.startswith("I;16") or np.asarray(image).max(initial=0) < 2**16 else 32
+    array = np.asarray(image, dtype=np.float64) / (2**depth - 1) * 255
+    return Image.fromarray(array.round().clip(0, 255).astype(np.uint8), mode="L")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -113,7 +130,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         with Image.open(self.paths[i]) as img:
-            return self.transform(img)
+            return self.transform(to_8bit(img))
 
 
 class FlipDataset(Dataset):

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kve_lightning.checkpoint import load_checkpoint_module
+from kve_lightning.images import umask_mode
 from kve_lightning.module import KarrasVeModule
 from kve_lightning.pipeline import KarrasVeLightningPipeline, KarrasVeLightningScheduler
 
@@ -25,13 +25,29 @@ def module_pipeline(module: KarrasVeModule, **overrides: Any) -> KarrasVeLightni
                                      scheduler=KarrasVeLightningScheduler(**settings.to_dict()))
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """``out_dir`` may be written: missing, an empty folder, or a non-empty folder with ``overwrite``."""
+EXPORT_ENTRIES = {"model_index.json", "unet", "scheduler"}
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool, ckpt: str | Path) -> Path:
+    """``out_dir`` may be written: missing, an empty folder, or with ``overwrite`` an earlier export (nothing but
+    ``model_index.json``, ``unet/`` and ``scheduler/``). Never the working directory, a folder above it, or one
+    holding the checkpoint ``ckpt``."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    if not overwrite:
+        raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass --overwrite to replace an "
+                              f"earlier export)")
+    here, target = Path.cwd().resolve(), out.resolve()
+    if here == target or target in here.parents or target in Path(ckpt).resolve().parents:
+        raise ValueError(f"--overwrite would delete {str(out)!r}, which holds the working directory or the "
+                         f"checkpoint {str(ckpt)!r}: choose another --out")
+    other = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_ENTRIES)
+    if other or not (out / "model_index.json").is_file():
+        raise ValueError(f"--overwrite replaces an earlier export only, and {str(out)!r} is not one (it holds "
+                         f"{other[:5] or 'no model_index.json'}): choose another --out")
     return out
 
 
@@ -41,12 +57,15 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, overwrite: bool = F
 
     Checks everything before writing, writes to a temporary folder beside ``out_dir``, then renames it into place
     (an existing ``out_dir`` is replaced only with ``overwrite``)."""
-    pipeline = module_pipeline(load_checkpoint_module(ckpt), **overrides)
-    out = check_output_dir(out_dir, overwrite)
+    pipeline = module_pipeline(KarrasVeModule.from_checkpoint(ckpt), **overrides)
+    out = check_output_dir(out_dir, overwrite, ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, umask_mode(0o777))  # mkdtemp's 0o700 would make the export private
     try:
         pipeline.save_pretrained(tmp, safe_serialization=True)
+        for path in tmp.rglob("*"):  # safetensors writes its files 0o600
+            os.chmod(path, umask_mode(0o777 if path.is_dir() else 0o666))
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

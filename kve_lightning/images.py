@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,7 +29,32 @@ from kve_lightning.sampling import SamplerSettings
 MANIFEST = "manifest.json"
 # what this module writes: seed PNGs, the grid, the manifest, and save_atomic's temporary files
 SEED_PNG = re.compile(r"\d{6,}\.png")
-TEMP_FILE = re.compile(r"\.(?:\d{6,}\.png|grid\.png|manifest\.json)\.\w+\.tmp")
+# a temporary file names its writer (host and process id) so that a cleanup deletes only those of dead writers
+TEMP_FILE = re.compile(r"\.(?:\d{6,}\.png|grid\.png|manifest\.json)\.(?:([\w-]+)-(\d+)\.)?\w+\.tmp")
+
+
+def writer_id() -> str:
+    """This process as a writer: ``HOST-PID``, the host name reduced to letters, digits, ``_`` and ``-``."""
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+def is_stale_temporary(name: str) -> bool:
+    """A temporary file (``TEMP_FILE``) whose writer is gone: a process of this host that no longer runs, or a name
+    without a writer. Another host's temporaries are never stale (their processes cannot be seen from here)."""
+    m = TEMP_FILE.fullmatch(name)
+    if m is None:
+        return False
+    if m[1] is None:
+        return True
+    if f"{m[1]}-{m[2]}" == writer_id() or m[1] != writer_id().rsplit("-", 1)[0]:
+        return False
+    try:
+        os.kill(int(m[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -42,11 +68,20 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array, mode="L" if array.shape[-1] == 1 else "RGB")
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` less the process's umask: what ``open()`` (0o666) or ``mkdir()`` (0o777) would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def save_atomic(path: str | Path, write: Callable[[Any], None]) -> None:
     """``write(binary file)`` into a temporary file beside ``path``, then rename it to ``path``: a reader (or a
-    killed writer) never sees a partial file. A kill can leave the temporary ``.NAME.*.tmp`` behind."""
+    killed writer) never sees a partial file, and the file gets the mode a plain ``open()`` would give it. A kill
+    can leave the temporary ``.NAME.*.tmp`` behind."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_id()}.", suffix=".tmp", dir=path.parent)
+    os.chmod(fd, umask_mode(0o666))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -124,21 +159,43 @@ def check_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
 
 
 def open_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """After ``check_sample_folder``: write ``manifest.json`` (atomically) if missing and delete the temporary
-    files a killed writer left. Only one process may call it, before any image of this run is written."""
+    """After ``check_sample_folder``: create ``manifest.json`` if missing, exclusively (a hard link of a complete
+    temporary file, which fails if another writer created it first), check the folder again (a ``ValueError`` if a
+    concurrent writer of other settings won), and delete the temporary files that dead writers left. Call it before
+    any image of this run is written; concurrent writers of the same settings may all call it."""
     out = Path(out_dir)
     if not (out / MANIFEST).exists():
         payload = (json.dumps(manifest, indent=2) + "\n").encode()
-        save_atomic(out / MANIFEST, lambda f: f.write(payload))
+        tmp = out / f".{MANIFEST}.{writer_id()}.{os.urandom(4).hex()}.tmp"
+        with open(tmp, "xb") as f:
+            f.write(payload)
+        try:
+            os.link(tmp, out / MANIFEST)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    check_sample_folder(out, manifest)
     for p in out.iterdir():
-        if TEMP_FILE.fullmatch(p.name):
+        if is_stale_temporary(p.name):
             p.unlink(missing_ok=True)
 
 
-def existing_seeds(out_dir: str | Path, seeds: Sequence[int]) -> set[int]:
-    """The seeds of ``seeds`` whose PNG is in ``out_dir`` (complete: PNGs are written atomically)."""
+def existing_seeds(out_dir: str | Path, seeds: Sequence[int], manifest: dict[str, Any]) -> set[int]:
+    """The seeds of ``seeds`` whose PNG is in ``out_dir`` and decodes to an image of the manifest's size and channels;
+    a zero-byte, truncated or foreign file does not count (its seed is sampled and the file replaced)."""
     names = set(os.listdir(out_dir))
-    return {s for s in seeds if seed_path(out_dir, s).name in names}
+    size, mode = (manifest["image_size"],) * 2, "L" if manifest["channels"] == 1 else "RGB"
+
+    def intact(path: Path) -> bool:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.format == "PNG" and image.size == size and image.mode == mode
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+            return False
+
+    return {s for s in seeds if seed_path(out_dir, s).name in names and intact(seed_path(out_dir, s))}
 
 
 def save_grid(out_dir: str | Path, seeds: Sequence[int], max_images: int = 256) -> Path:
@@ -191,7 +248,8 @@ class PNGWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         datamodule = trainer.datamodule
         if hasattr(datamodule, "skip_seeds"):
-            datamodule.skip_seeds = existing_seeds(self.output_dir, datamodule.seeds) if self.skip_existing else set()
+            datamodule.skip_seeds = (existing_seeds(self.output_dir, datamodule.seeds, manifest) if self.skip_existing
+                                     else set())
 
     def write_on_batch_end(self, trainer, pl_module, prediction: torch.Tensor, batch_indices, batch: torch.Tensor,
                            batch_idx: int, dataloader_idx: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
@@ -13,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
+from kve_lightning.checkpoint import read_checkpoint
 from kve_lightning.data import FlipDataset
 from kve_lightning.denoiser import VEDenoiser, default_unet_config, dsm_loss, ve_loss
 from kve_lightning.ema import EMA
@@ -119,6 +121,19 @@ class KarrasVeModule(L.LightningModule):
         # fixed validation sigmas, log-spaced over [sigma_min, sigma_max]
         self.val_sigmas = torch.logspace(math.log10(self.sampler.sigma_min), math.log10(self.sampler.sigma_max),
                                          val_num_sigmas).tolist()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str | Path) -> KarrasVeModule:
+        """The module a `kve fit` checkpoint holds (``read_checkpoint``: weights-only, checked), in eval mode; a
+        ``ValueError`` naming the file if its hyper-parameters and weights do not make one."""
+        checkpoint = read_checkpoint(ckpt)
+        state, hparams = checkpoint["state_dict"], checkpoint["hyper_parameters"]
+        try:
+            module = cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+            module.load_state_dict(state)
+        except (TypeError, ValueError, RuntimeError) as err:  # hparams or weights of another model version
+            raise ValueError(f"{str(ckpt)!r} does not match KarrasVeModule: {err}") from None
+        return module.eval()
 
     def setup(self, stage: str) -> None:
         if self.device.type == "cuda":

@@ -22,7 +22,9 @@ from typing import Any, Sequence
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin
+from safetensors import safe_open
 
+from kve_lightning.checkpoint import check_finite
 from kve_lightning.denoiser import VEDenoiser
 from kve_lightning.images import to_unit
 from kve_lightning.sampling import SamplerSettings, sample_karras_ve
@@ -63,8 +65,9 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> KarrasVeLightningPipeline:
-        """``DiffusionPipeline.from_pretrained``, with a clear error for a local folder that is not an export, and the
-        UNet's weights copied out of the memory-mapped safetensors file (see ``_own_storage``)."""
+        """``DiffusionPipeline.from_pretrained``, with a clear error for a local folder that is not an export or whose
+        UNet weights are incomplete or non-finite, and the UNet's weights copied out of the memory-mapped safetensors
+        file (see ``_own_storage``)."""
         path = Path(pretrained_model_name_or_path)
         if path.is_dir():
             needed = ["model_index.json"] + [c for c in ("unet", "scheduler") if c not in kwargs]
@@ -73,6 +76,15 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
                 raise ValueError(f"{str(path)!r} is not an exported kve-lightning model folder: it has no "
                                  f"{', '.join(missing)}")
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+        if weights.is_file() and "unet" not in kwargs:
+            with safe_open(weights, framework="pt") as f:
+                stored = set(f.keys())
+            missing = sorted(set(pipe.unet.state_dict()) - stored)
+            if missing:
+                raise ValueError(f"{str(weights)!r} lacks {len(missing)} UNet tensor(s), e.g. {missing[0]}: refusing "
+                                 f"to sample with randomly initialised weights")
+        check_finite(pipe.unet.state_dict(), str(path))
         _own_storage(pipe.unet)
         return pipe
 

@@ -19,8 +19,8 @@ from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeSchedul
 from tqdm import tqdm
 
 from kve_lightning.data import digits_images
-from kve_lightning.checkpoint import load_checkpoint_module
 from kve_lightning.metrics import build_fid, digits_fid_floor
+from kve_lightning.module import KarrasVeModule
 from kve_lightning.sampling import randn_per_row, sample_karras_ve
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--steps", default="4,8,18,40,256", help="N per run; NFE = 2N - 1")
     p.add_argument("--batch-size", type=int, default=500)
     args = p.parse_args()
-    module = load_checkpoint_module(args.ckpt)
+    module = KarrasVeModule.from_checkpoint(args.ckpt)
     hp = module.hparams
     fid = build_fid(digits_images(hp.image_size, hp.channels))
     seeds = list(range(args.num_samples))

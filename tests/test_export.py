@@ -193,6 +193,14 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(exported, tmp_path, 
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and str(out) in err and "--overwrite" in err and err.count("\n") == 1
     assert files(out) == {"keep.txt"}
+    with pytest.raises(SystemExit) as exit_info:  # --overwrite replaces an earlier export only
+        export_script(["--ckpt", str(ckpt), "--out", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "earlier export only" in err and "keep.txt" in err
+    assert files(out) == {"keep.txt"}
+    (out / "keep.txt").unlink()
+    export_script(["--ckpt", str(ckpt), "--out", str(out)])
+    (out / "unet" / "stale.bin").write_text("")
     export_script(["--ckpt", str(ckpt), "--out", str(out), "--overwrite"])
     assert files(out) == EXPORTED_FILES and os.listdir(tmp_path) == ["out"]
     (tmp_path / "file").write_text("")
@@ -211,14 +219,15 @@ def test_export_failing_midway_leaves_the_old_folder_untouched(exported, tmp_pat
         (Path(directory) / "model_index.json").write_text("{")
         raise OSError("disk full")
 
+    export_checkpoint(ckpt, tmp_path / "out")
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     monkeypatch.setattr(KarrasVeLightningPipeline, "save_pretrained", save_half)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(OSError, match="disk full"):
         export_checkpoint(ckpt, tmp_path / "out", overwrite=True)
     with pytest.raises(OSError, match="disk full"):
         export_checkpoint(ckpt, tmp_path / "new")
-    assert os.listdir(tmp_path) == ["out"] and files(tmp_path / "out") == {"keep.txt"}
+    assert os.listdir(tmp_path) == ["out"]
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
 
 
 def test_loading_a_folder_without_unet_is_a_clear_error(exported, tmp_path, capsys):

@@ -1,0 +1,272 @@
+"""Hostile and careless use (a red team's findings): payload checkpoints from any path kind, --overwrite that must not
+delete inputs, non-finite weights and settings, broken files in a sample folder, file modes, odd images."""
+
+import http.server
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO, TINY_MODEL_ARGS, export_script, sample_script
+from kve_lightning.cli import cli_main
+from kve_lightning.data import ImageDataModule, parse_seeds
+from kve_lightning.pipeline import KarrasVeLightningPipeline
+
+CONFIG = f"--config={REPO / 'configs' / 'digits.yaml'}"
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    """As a user runs it: no pytest arguments in sys.argv (LightningCLI warns when both it and args are given)."""
+    monkeypatch.setattr("sys.argv", ["kve"])
+
+
+class Payload:
+    """Unpickled, it creates ``marker``: a stand-in for arbitrary code in a malicious checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (str(self.marker),)
+
+
+def refused(call, capsys, *needles, code=2) -> str:
+    """``call()`` exits with ``code`` and one error line holding every needle (warnings may precede it)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert exit_info.value.code == code, err[-3000:]
+    assert len(errors) == 1 and "Traceback" not in err and all(n in errors[0] for n in needles), err[-3000:]
+    return errors[0]
+
+
+def payload_checkpoint(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": Payload(marker), "hyper_parameters": {}}, path)
+    return path
+
+
+def test_url_checkpoint_is_refused_before_any_request(tmp_path, capsys, monkeypatch):
+    """A payload served on 127.0.0.1: `kve predict --ckpt_path http://...` refuses it without fetching it."""
+    payload_checkpoint(tmp_path / "www" / "model.ckpt", tmp_path / "pwned")
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "www"), **kwargs)
+
+        def log_message(self, *args):
+            requests.append(args)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.chdir(tmp_path)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/model.ckpt"
+        for weights_only in ([], ["--weights_only=false"]):
+            refused(lambda: cli_main(["predict", f"--ckpt_path={url}", "--writer.output_dir=out", *weights_only]),
+                    capsys, "kve: error:")
+    finally:
+        server.shutdown()
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists() and requests == []
+
+
+def test_planted_last_ckpt_is_refused_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    payload_checkpoint(tmp_path / "runs" / "digits" / "checkpoints" / "last.ckpt", tmp_path / "pwned")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for sub in ("predict", "fit", "validate"):
+        refused(lambda: cli_main([sub, CONFIG, *TINY_MODEL_ARGS, "--ckpt_path=last"]), capsys,
+                "last.ckpt", "would unpickle os.makedirs")
+    assert not (tmp_path / "pwned").exists()
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no stray version_0
+
+
+def test_overwrite_replaces_an_earlier_export_only(trained_run, tmp_path, capsys, monkeypatch):
+    root, ckpt = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "runs" / "digits", run)
+    run_ckpt = run / "checkpoints" / "last.ckpt"
+    monkeypatch.chdir(tmp_path)
+    snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    refused(lambda: export_script(["--ckpt", str(run_ckpt), "--out", str(run), "--overwrite"]), capsys,
+            "holds the working directory or the checkpoint")
+    refused(lambda: export_script(["--ckpt", str(ckpt), "--out", str(run), "--overwrite"]), capsys,
+            "earlier export only", "checkpoints")
+    refused(lambda: export_script(["--ckpt", str(ckpt), "--out", ".", "--overwrite"]), capsys, "working directory")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no ..XXXX.old folder either
+    export_script(["--ckpt", str(ckpt), "--out", "export"])
+    export_script(["--ckpt", str(ckpt), "--out", "export", "--overwrite", "--steps", "3"])  # an export: replaced
+    config = json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["num_steps"] == 3 and sorted(os.listdir(tmp_path)) == ["export", "run"]
+
+
+def test_non_finite_weights_and_settings_are_refused_naming_them(trained_run, tmp_path, capsys, monkeypatch):
+    _, ckpt = trained_run
+    monkeypatch.chdir(tmp_path)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    name = next(k for k in checkpoint["state_dict"] if k.endswith("conv_in.weight"))
+    checkpoint["state_dict"][name] = checkpoint["state_dict"][name].clone().fill_(float("nan"))
+    torch.save(checkpoint, tmp_path / "nan.ckpt")
+    refused(lambda: sample_script(["--ckpt", "nan.ckpt", "--out", "out"]), capsys, "non-finite", name)
+    refused(lambda: cli_main(["predict", "--ckpt_path=nan.ckpt", "--writer.output_dir=out"]), capsys, name)
+    refused(lambda: export_script(["--ckpt", "nan.ckpt", "--out", "export"]), capsys, name)
+    assert sorted(os.listdir(tmp_path)) == ["nan.ckpt"]
+
+    export_script(["--ckpt", str(ckpt), "--out", "good"])
+    weights = tmp_path / "good" / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    for broken, change in (("missing", lambda t: t.pop("conv_in.weight")),
+                           ("nan", lambda t: t["conv_in.bias"].fill_(float("inf")))):
+        shutil.copytree(tmp_path / "good", tmp_path / broken)
+        changed = {k: v.clone() for k, v in tensors.items()}
+        change(changed)
+        save_file(changed, tmp_path / broken / "unet" / "diffusion_pytorch_model.safetensors")
+        refused(lambda: sample_script(["--model", broken, "--out", "out"]), capsys, broken,
+                "conv_in.weight" if broken == "missing" else "conv_in.bias")
+    config_path = tmp_path / "good" / "scheduler" / "scheduler_config.json"
+    config_path.write_text(config_path.read_text().replace('"s_churn": 80.0', '"s_churn": NaN'))
+    with pytest.raises(ValueError, match="s_churn=nan"):
+        KarrasVeLightningPipeline.from_pretrained(tmp_path / "good")
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_pngs_in_a_sample_folder_are_sampled_again(trained_run, tmp_path):
+    _, ckpt = trained_run
+    args = ["--ckpt", str(ckpt), "--seeds", "0-4", "--grid"]
+    sample_script([*args, "--out", str(tmp_path / "whole")])
+    sample_script([*args, "--out", str(tmp_path / "broken")])
+    (tmp_path / "broken" / "000001.png").write_bytes(b"")
+    good = (tmp_path / "whole" / "000002.png").read_bytes()
+    (tmp_path / "broken" / "000002.png").write_bytes(good[: len(good) // 2])
+    Image.new("RGB", (8, 8)).save(tmp_path / "broken" / "000003.png")  # another mode
+    sample_script([*args, "--out", str(tmp_path / "broken")])
+    whole, broken = ({p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} for d in ("whole", "broken"))
+    assert broken == whole
+
+
+def test_written_files_follow_the_umask(trained_run, tmp_path):
+    _, ckpt = trained_run
+    old = os.umask(0o022)
+    try:
+        sample_script(["--ckpt", str(ckpt), "--seeds", "0", "--grid", "--out", str(tmp_path / "s")])
+        export_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "e")])
+    finally:
+        os.umask(old)
+    for path in [*(tmp_path / "s").iterdir(), *(tmp_path / "e").rglob("*"), tmp_path / "e"]:
+        expected = 0o755 if path.is_dir() else 0o644
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_folder_images_of_every_depth_and_mode_load_as_their_values(tmp_path):
+    """16-bit grayscale scaled by its bit depth (not clipped to white), RGBA and palette images by their colours."""
+    levels = np.linspace(0, 1, 64).reshape(8, 8)
+    Image.fromarray((levels * 65535).round().astype(np.uint16)).save(tmp_path / "a16.png")
+    Image.fromarray((levels * 255).round().astype(np.uint8)).save(tmp_path / "b8.png")
+    Image.fromarray((levels * 255).round().astype(np.uint8)).convert("RGBA").save(tmp_path / "c_rgba.png")
+    Image.fromarray((levels * 255).round().astype(np.uint8)).convert("P").save(tmp_path / "d_palette.png")
+    assert Image.open(tmp_path / "a16.png").mode.startswith("I")
+    data = ImageDataModule(dataset="folder", root=str(tmp_path), image_size=8, channels=1)
+    images = [data.full_dataset()[i] for i in range(4)]
+    expected = torch.from_numpy(levels).float()[None] * 2 - 1
+    for image in images:  # 8-bit rounding: within half a level of 2 / 255
+        torch.testing.assert_close(image, expected, rtol=0, atol=1 / 255 + 1e-6)
+
+
+def test_divergence_is_one_line_and_exit_code_3(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused(lambda: cli_main(["fit", CONFIG, *TINY_MODEL_ARGS, "--model.lr=1e10", "--model.warmup_steps=0",
+                              "--model.max_bad_steps=2", "--trainer.max_steps=20", "--trainer.limit_val_batches=0",
+                              "--trainer.enable_progress_bar=false"]), capsys, "FloatingPointError",
+            "max_bad_steps=2", code=3)
+
+
+def test_shipped_configs_train_without_a_logger(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", CONFIG, *TINY_MODEL_ARGS, "--trainer.logger=false", "--trainer.fast_dev_run=1"])
+
+
+def test_seed_and_step_counts_are_bounded_before_any_allocation(capsys, tmp_path, trained_run):
+    _, ckpt = trained_run
+    with pytest.raises(ValueError, match="more than 1,000,000 seeds"):
+        parse_seeds("0-100000000")
+    refused(lambda: sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--seeds", "0-100000000"]),
+            capsys, "1,000,000")
+    refused(lambda: sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--steps", "1000000000000"]),
+            capsys, "num_steps=1000000000000")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--device", "bogus"], ["'bogus'", "not a torch device"]),
+    (["--device", "cuda:7"], ["'cuda:7'", "not available"]),
+    (["--grid"], ["grid.png", "is a directory"]),
+])
+def test_sample_refuses_bad_devices_and_a_grid_folder(trained_run, tmp_path, capsys, flags, needles):
+    _, ckpt = trained_run
+    (tmp_path / "out" / "grid.png").mkdir(parents=True)
+    refused(lambda: sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--seeds", "0", *flags]),
+            capsys, *needles)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["grid.png"]
+
+
+def test_messages_say_what_is_wrong_with_a_path(trained_run, tmp_path, capsys):
+    _, ckpt = trained_run
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    refused(lambda: sample_script(["--ckpt", str(tmp_path / "empty.ckpt"), "--out", str(tmp_path / "o")]), capsys,
+            "not a readable checkpoint: ", "Error")
+    refused(lambda: sample_script(["--model", str(ckpt), "--out", str(tmp_path / "o")]), capsys, "is a file")
+    refused(lambda: sample_script(["--ckpt", str(tmp_path), "--out", str(tmp_path / "o")]), capsys, "is a directory")
+
+
+def test_cleanup_deletes_only_temporaries_of_dead_writers(tmp_path):
+    from kve_lightning.images import open_sample_folder, writer_id
+
+    host = writer_id().rsplit("-", 1)[0]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {"alive": f".000001.png.{host}-{live.pid}.abc123.tmp", "dead": f".000002.png.{host}-{dead.pid}.abc123.tmp",
+             "remote": f".000003.png.otherhost-{dead.pid}.abc123.tmp", "anonymous": ".000004.png.k1ll3d_x.tmp"}
+    try:
+        for name in names.values():
+            (tmp_path / name).write_bytes(b"\x89PNG")
+        open_sample_folder(tmp_path, {"kve_lightning_samples": 1})
+        left = {p.name for p in tmp_path.iterdir()}
+    finally:
+        live.kill()
+        live.wait()
+    assert left == {names["alive"], names["remote"], "manifest.json"}
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same settings", "other settings"])
+def test_two_processes_racing_on_one_folder(trained_run, tmp_path, same):
+    """Two kve-sample processes started together on one new folder: with the same settings both finish and the
+    folder is a clean run's; with other settings exactly one wins, the other is refused, and the folder is the
+    winner's alone."""
+    _, ckpt = trained_run
+    command = [shutil.which("kve-sample"), "--ckpt", str(ckpt), "--seeds", "0-15", "--batch-size", "4"]
+    flags = [["--steps", "3"], ["--steps", "3" if same else "2"]]
+    procs = [subprocess.Popen([*command, *f, "--out", str(tmp_path / "race")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for f in flags]
+    codes = [p.wait(timeout=300) for p in procs]
+    errors = [p.stderr.read() for p in procs]
+    assert sorted(codes) == ([0, 0] if same else [0, 2]), errors
+    winner = flags[codes.index(0)]
+    sample_script(["--ckpt", str(ckpt), "--seeds", "0-15", *winner, "--out", str(tmp_path / "clean")])
+    race, clean = ({p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} for d in ("race", "clean"))
+    assert race == clean

@@ -53,6 +53,8 @@ class KarrasVeModule(L.LightningModule):
         unet: ``UNet2DModel`` keyword arguments over ``default_unet_config`` (Fourier embedding is required).
         clamp_denoised: clip D(x; sigma) to the data range [-1, 1] while sampling (on for image models, off in
             Algorithm 2 as written; see ``SamplerSettings``).
+        micro_batch: run the UNet on chunks of exactly this many rows while sampling, so that an image's bytes
+            depend on its seed only, not on its batch (0: whole batches; see ``SamplerSettings``).
         lr: the peak learning rate of AdamW.
         betas: AdamW's (beta1, beta2).
         weight_decay: AdamW's decoupled weight decay.
@@ -72,7 +74,7 @@ class KarrasVeModule(L.LightningModule):
         fid_num_samples: samples per FID, against the training images.
         fid_features: the FID's features: "digits" (offline) or "inception" (metrics.py).
         **sampler: the other ``SamplerSettings`` (num_steps, sigma_min, sigma_max, schedule, rho, s_churn, s_min,
-            s_max, s_noise, solver); [sigma_min, sigma_max] is also the training noise range. They are stored flat
+            s_max, s_noise, solver), at their defaults unless given; [sigma_min, sigma_max] is also the training noise range. They are stored flat
             in the hyper-parameters and can change whenever a checkpoint is loaded.
     """
 
@@ -82,6 +84,7 @@ class KarrasVeModule(L.LightningModule):
         channels: int = 1,
         unet: dict[str, Any] | None = None,
         clamp_denoised: bool = True,
+        micro_batch: int = 16,
         lr: float = 2e-4,
         betas: Sequence[float] = (0.9, 0.999),
         weight_decay: float = 0.0,
@@ -104,7 +107,7 @@ class KarrasVeModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.sampler = SamplerSettings(clamp_denoised=clamp_denoised, **sampler)
+        self.sampler = SamplerSettings(clamp_denoised=clamp_denoised, micro_batch=micro_batch, **sampler)
         self.hparams.update(self.sampler.to_dict())  # every setting, flat: weights-only loading reads it back
         if lr <= 0 or warmup_steps < 0 or grid_size < 0 or val_num_sigmas < 1:
             raise ValueError(f"need lr > 0, warmup_steps >= 0, grid_size >= 0, val_num_sigmas >= 1; got lr={lr}, "

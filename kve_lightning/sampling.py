@@ -47,6 +47,9 @@ class SamplerSettings:
         solver: "heun" (Algorithm 2, second order) or "euler" (its first step only).
         clamp_denoised: clip D(x; sigma) to the data range [-1, 1] at every step (not part of Algorithm 2; the
             exact denoiser of data in [-1, 1] lies there, so the clip can only bring a learned one closer to it).
+        micro_batch: evaluate the denoiser on chunks of exactly this many rows, the last one padded, so that a row's
+            result does not depend on its batch's size or neighbours (CPU kernels round differently at different
+            batch sizes); 0: the whole batch at once.
     """
 
     num_steps: int = 50
@@ -60,12 +63,17 @@ class SamplerSettings:
     s_noise: float = 1.007
     solver: Solver = "heun"
     clamp_denoised: bool = False
+    micro_batch: int = 0
 
     def __post_init__(self) -> None:
         steps = self.num_steps
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 2 <= steps <= MAX_STEPS:
             raise ValueError(f"num_steps must be an integer in [2, {MAX_STEPS}], got num_steps={steps!r}")
         object.__setattr__(self, "num_steps", int(steps))
+        rows = self.micro_batch
+        if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or not 0 <= rows <= 2**16:
+            raise ValueError(f"micro_batch must be an integer in [0, 65536], got micro_batch={rows!r}")
+        object.__setattr__(self, "micro_batch", int(rows))
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "float":
@@ -173,6 +181,21 @@ def randn_per_row(
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def in_micro_batches(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, rows: int) -> torch.Tensor:
+    """``denoiser(x, sigma)`` evaluated on chunks of exactly ``rows`` rows, the last chunk padded with zeros (``rows``
+    = 0: in one call). Every chunk has the same shape, so each row meets the same kernels whatever its batch."""
+    if not rows:
+        return denoiser(x, sigma)
+    out = []
+    for xs, ss in zip(x.split(rows), sigma.split(rows)):
+        n = xs.shape[0]
+        if n < rows:
+            xs = torch.cat([xs, xs.new_zeros((rows - n, *xs.shape[1:]))])
+            ss = torch.cat([ss, ss[:1].expand(rows - n)])
+        out.append(denoiser(xs, ss)[:n])
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def sample_karras_ve(
     denoiser: Denoiser,
@@ -206,7 +229,8 @@ def sample_karras_ve(
     batch = shape[0]
 
     def D(x: torch.Tensor, s: float) -> torch.Tensor:
-        denoised = denoiser(x, torch.full((batch,), s, device=x.device, dtype=x.dtype))
+        denoised = in_micro_batches(denoiser, x, torch.full((batch,), s, device=x.device, dtype=x.dtype),
+                                    settings.micro_batch)
         return denoised.clamp(-1, 1) if settings.clamp_denoised else denoised
 
     x = latents if latents is not None else sigma[0] * randn_per_row(shape, generator, device, dtype)

@@ -1,10 +1,12 @@
 """Wall clock of our sampler (`sample_karras_ve` + `VEDenoiser`) vs diffusers' `KarrasVePipeline`, same UNet.
 
     python scripts/benchmark_sampling_speed.py --size 32 --batch 16 --steps 10 --repeats 3
+    python scripts/benchmark_sampling_speed.py --size 8 --batch 64 --steps 10 --micro-batch 16   # its cost
 
 Both run the same 3-channel Fourier UNet2DModel at the same batch and the same NFE (2N - 1 for N steps), on the
 same device, alternating, in one process; the best of ``--repeats`` is kept for each. Prints a markdown table and
-the ratio ours / diffusers (below 1: ours is faster).
+the ratio ours / diffusers (below 1: ours is faster). With ``--micro-batch M`` a third row runs ours with the UNet
+on padded chunks of M rows (``SamplerSettings.micro_batch``, batch-independent bytes), to price that option.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--micro-batch", type=int, default=0, help="also time ours with this micro_batch (0: skip)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -39,18 +42,23 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def ours():
+    def ours(micro_batch: int = 0):
         gen = torch.Generator().manual_seed(0)
-        return sample_karras_ve(denoiser, shape, num_steps=args.steps, generator=gen, device=args.device)
+        return sample_karras_ve(denoiser, shape, num_steps=args.steps, generator=gen, device=args.device,
+                                micro_batch=micro_batch)
 
     def theirs():
         gen = torch.Generator().manual_seed(0)
         return pipe(batch_size=args.batch, num_inference_steps=args.steps, generator=gen, output_type="np")
 
-    times = {"ours": [], "diffusers": []}
-    ours(), theirs()  # warm-up
+    runs = {"ours": ours, "diffusers": theirs}
+    if args.micro_batch:
+        runs[f"ours, micro_batch {args.micro_batch}"] = lambda: ours(args.micro_batch)
+    times = {name: [] for name in runs}
+    for fn in runs.values():  # warm-up
+        fn()
     for _ in range(args.repeats):
-        for name, fn in (("ours", ours), ("diffusers", theirs)):
+        for name, fn in runs.items():
             sync()
             start = time.perf_counter()
             fn()
@@ -65,6 +73,9 @@ def main() -> None:
     for k, v in best.items():
         print(f"| {k} | {v:.3f} | {1000 * v / nfe:.1f} |")
     print(f"\nratio ours / diffusers: {best['ours'] / best['diffusers']:.3f}")
+    if args.micro_batch:
+        print(f"ratio micro_batch {args.micro_batch} / whole batch: "
+              f"{best[f'ours, micro_batch {args.micro_batch}'] / best['ours']:.3f}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ delete inputs, non-finite weights and settings, broken files in a sample folder,
 import http.server
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, TINY_MODEL_ARGS, export_script, sample_script
 from kve_lightning.cli import cli_main
 from kve_lightning.data import ImageDataModule, parse_seeds
+from kve_lightning.module import KarrasVeModule
 from kve_lightning.pipeline import KarrasVeLightningPipeline
 
 CONFIG = f"--config={REPO / 'configs' / 'digits.yaml'}"
@@ -270,3 +272,22 @@ def test_two_processes_racing_on_one_folder(trained_run, tmp_path, same):
     sample_script(["--ckpt", str(ckpt), "--seeds", "0-15", *winner, "--out", str(tmp_path / "clean")])
     race, clean = ({p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} for d in ("race", "clean"))
     assert race == clean
+
+
+def test_a_seeds_image_does_not_depend_on_its_batch(trained_run):
+    """Property: over random batch sizes (1 to 40) and neighbours, every seed's image equals its image sampled
+    alone, bit for bit (the UNet runs on padded micro-batches of the checkpoint's micro_batch = 16 rows)."""
+    _, ckpt = trained_run
+    module = KarrasVeModule.from_checkpoint(ckpt)
+    assert module.sampler.micro_batch == 16
+    rng = random.Random(0)
+    alone: dict[int, torch.Tensor] = {}
+    for _ in range(25):
+        seeds = rng.sample(range(200), rng.randint(1, 40))
+        images = module.sample(seeds)
+        for seed, image in zip(seeds, images):
+            if seed not in alone and len(alone) < 12:
+                alone[seed] = module.sample([seed])[0]
+            if seed in alone:
+                assert torch.equal(image, alone[seed]), (seed, len(seeds))
+    assert len(alone) == 12

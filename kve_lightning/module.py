@@ -84,7 +84,7 @@ class KarrasVeModule(L.LightningModule):
         channels: int = 1,
         unet: dict[str, Any] | None = None,
         clamp_denoised: bool = True,
-        micro_batch: int = 16,
+        micro_batch: int = 64,
         lr: float = 2e-4,
         betas: Sequence[float] = (0.9, 0.999),
         weight_decay: float = 0.0,

@@ -76,6 +76,9 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
                 raise ValueError(f"{str(path)!r} is not an exported kve-lightning model folder: it has no "
                                  f"{', '.join(missing)}")
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if not isinstance(pipe.scheduler, KarrasVeLightningScheduler):
+            raise ValueError(f"{str(path)!r} names the scheduler {type(pipe.scheduler).__name__}, not "
+                             f"KarrasVeLightningScheduler: not a kve-lightning export")
         weights = path / "unet" / "diffusion_pytorch_model.safetensors"
         if weights.is_file() and "unet" not in kwargs:
             with safe_open(weights, framework="pt") as f:

@@ -291,3 +291,14 @@ def test_a_seeds_image_does_not_depend_on_its_batch(trained_run):
             if seed in alone:
                 assert torch.equal(image, alone[seed]), (seed, len(seeds))
     assert len(alone) == 12
+
+
+def test_an_export_naming_another_scheduler_is_refused_before_writing(trained_run, tmp_path, capsys):
+    _, ckpt = trained_run
+    export_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "e")])
+    index = tmp_path / "e" / "model_index.json"
+    index.write_text(json.dumps(json.loads(index.read_text()) | {"scheduler": ["diffusers", "DDPMScheduler"]}))
+    (tmp_path / "e" / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDPMScheduler"}')
+    refused(lambda: sample_script(["--model", str(tmp_path / "e"), "--out", str(tmp_path / "o")]), capsys,
+            "DDPMScheduler")
+    assert not (tmp_path / "o").exists()

@@ -178,7 +178,7 @@ def option_help(text: str) -> dict[str, str]:
         m = re.match(r"^  (--[\w.-]+)(.*)$", line)
         if m:
             current = m[1]
-            rest = re.split(r"\s{2,}", m[2].strip(), maxsplit=1)
+            rest = re.split(r"\s{2,}", m[2], maxsplit=1)  # the flag's metavar or aliases, then its help
             blocks[current] = rest[1] if len(rest) == 2 else ""
         elif current and line.startswith("    "):
             blocks[current] += " " + line.strip()
@@ -206,6 +206,7 @@ def test_installed_commands_have_a_flag_with_help_for_every_sampler_setting(comm
     proc = subprocess.run([command, "--help"], capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     options = option_help(proc.stdout)
+    assert [k for k, v in options.items() if not v] == []
     for f in dataclasses.fields(SamplerSettings):
         flag = f"--{f.name.replace('_', '-')}"
         assert options.get(flag), (flag, proc.stdout[-3000:])

@@ -2,9 +2,10 @@
 
 Two rules on top of LightningCLI's:
 
-- **A run lives under ``--trainer.default_root_dir``.** Checkpoints go to ``ROOT/checkpoints`` (unless a
-  ``ModelCheckpoint`` names its own ``dirpath``), TensorBoard logs and the saved config to ``ROOT/lightning_logs``,
-  and ``--ckpt_path last`` means the newest ``last*.ckpt`` there.
+- **A run lives under ``--trainer.default_root_dir``.** A configured ``ModelCheckpoint`` without a ``dirpath``
+  writes to ``ROOT/checkpoints``, TensorBoard logs and the saved config go to ``ROOT/lightning_logs``, and
+  ``--ckpt_path last`` means the newest ``last*.ckpt`` of the configured checkpoint folders (without a configured
+  ``ModelCheckpoint``: of Lightning's own, ``ROOT/lightning_logs/version_*/checkpoints``).
 - **With ``--ckpt_path``, the checkpoint's hyper-parameters are the defaults**, and what the config files and flags
   give overrides them: ``--model.num_steps 18`` samples with 18 steps. Architecture settings (UNet, image size,
   channels) that contradict the checkpoint are an error naming them.
@@ -98,21 +99,25 @@ def resolve_ckpt_path(config) -> Path:
         raise ValueError(f"--ckpt_path {ckpt_path!r}: kve reads local checkpoint files only (a checkpoint is a "
                          f"pickle: download it, check its origin, then pass its path)")
     root = run_root(config)
-    folders = [Path(c.init_args.dirpath) for c in checkpoint_callbacks(config)] or [root / "checkpoints"]
+    # the configured ModelCheckpoints' folders; without one, Lightning's own writes under each logger version
+    folders = [Path(c.init_args.dirpath) for c in checkpoint_callbacks(config)] or sorted(
+        root.glob("lightning_logs/version_*/checkpoints"))
     if ckpt_path in ("last", "best"):
         found = [p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt")]
         if not found:
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no last.ckpt in {[str(f) for f in folders]}: no run "
+            where = [str(f) for f in folders] or str(root)
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no last.ckpt in {where}: no run "
                                     f"there to resume or sample (set --trainer.default_root_dir to the run's folder, "
                                     f"or give a checkpoint file)")
         last = max(found, key=lambda p: p.stat().st_mtime)
         if ckpt_path == "last":
             return last
         states = read_checkpoint(last).get("callbacks", {}).values()
-        best = [s["best_model_path"] for s in states if isinstance(s, dict) and s.get("best_model_path")]
+        best = [s["best_model_path"] for s in states
+                if isinstance(s, dict) and s.get("monitor") and s.get("best_model_path")]
         if not best:
-            raise FileNotFoundError(f"--ckpt_path best: {str(last)!r} records no best checkpoint (its "
-                                    f"ModelCheckpoint monitors nothing); give a checkpoint file")
+            raise FileNotFoundError(f"--ckpt_path best: {str(last)!r} records no best checkpoint (no "
+                                    f"ModelCheckpoint monitors a metric); give a checkpoint file")
         return Path(best[0])
     if ckpt_path == "hpc":
         found = {int(p.stem[len("hpc_ckpt_"):]): p for p in root.glob("hpc_ckpt_*.ckpt")
@@ -146,8 +151,8 @@ def check_architecture(model, hparams: dict[str, Any], path: Path) -> None:
     here = normalized(model.image_size, model.channels, model.unet)
     there = normalized(hparams.get("image_size"), hparams.get("channels"), hparams.get("unet"))
     renamed = {"sample_size", "in_channels", "out_channels"}  # the same as image_size and channels
-    diff = [f"{k}={here.get(k)!r} here but {there.get(k)!r} in the checkpoint" for k in sorted(here.keys() | there.keys())
-            if k not in renamed and here.get(k) != there.get(k)]
+    diff = [f"{k}={here.get(k)!r} here but {there.get(k)!r} in the checkpoint"
+            for k in sorted(here.keys() | there.keys()) if k not in renamed and here.get(k) != there.get(k)]
     if diff:
         raise ValueError(f"the configured model does not fit checkpoint {str(path)!r}: {'; '.join(diff)} (leave "
                          f"--model.unet, --data.image_size and --data.channels out to take the checkpoint's)")

@@ -91,8 +91,7 @@ def load_sampler(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[S
         return lambda seeds: to_unit(module.sample(seeds, **overrides)), sample_manifest(module.denoiser.unet, settings)
     pipe = load_pipeline(args.model, device)
     settings = pipe.scheduler.settings.replace(**overrides)
-    return (lambda seeds: pipe(seeds=seeds, output_type="pt", **settings.to_dict()).images,
-            sample_manifest(pipe.unet, settings))
+    return lambda seeds: pipe(seeds=seeds, output_type="pt", **overrides).images, sample_manifest(pipe.unet, settings)
 
 
 SAMPLE_DOC = """Checkpoint or exported folder -> PNGs: the EMA weights, the stochastic Karras VE sampler.
@@ -153,7 +152,7 @@ def sample_main(argv: list[str] | None = None) -> None:
     print(f"wrote {len(todo)} images to {out} ({len(done)} were there)", file=sys.stderr)
 
 
-EXPORT_DOC = """Checkpoint -> diffusers folder: the EMA weights as safetensors, the sampler settings as the scheduler config.
+EXPORT_DOC = """Checkpoint -> diffusers folder: EMA weights as safetensors, sampler settings as the scheduler config.
 
     kve-export --ckpt runs/digits/checkpoints/last.ckpt --out exported/digits [--steps 18 --s-churn 0]
 

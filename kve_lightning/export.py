@@ -74,7 +74,8 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, overwrite: bool = F
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted once ``src`` is in place."""
+    """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted once ``src`` is in place (if
+    the swap fails, it is moved back; if even that fails, it stays in the ``.NAME.*.old`` folder beside ``dst``)."""
     if not dst.exists():
         os.replace(src, dst)
         return
@@ -84,6 +85,6 @@ def _replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
     except BaseException:
         os.replace(old / dst.name, dst)
+        old.rmdir()
         raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old)

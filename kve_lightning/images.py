@@ -8,6 +8,7 @@ whose PNG is already there: an interrupted run resumes where it stopped, whichev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -140,7 +141,7 @@ def check_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
     it has none and holds no seed PNGs (images of unknown origin). Changes nothing."""
     out = Path(out_dir)
     path = out / MANIFEST
-    if not path.exists():
+    if not os.path.lexists(path):  # a dangling link is a manifest that cannot be read, not a missing one
         if any(SEED_PNG.fullmatch(p.name) for p in out.iterdir()):
             raise ValueError(f"output folder {str(out)!r} holds seed PNGs but no {MANIFEST}: refusing to add images "
                              f"of possibly other weights or settings; use a new folder")
@@ -159,12 +160,13 @@ def check_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
 
 
 def open_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """After ``check_sample_folder``: create ``manifest.json`` if missing, exclusively (a hard link of a complete
+    """``check_sample_folder``, then create ``manifest.json`` if missing, exclusively (a hard link of a complete
     temporary file, which fails if another writer created it first), check the folder again (a ``ValueError`` if a
     concurrent writer of other settings won), and delete the temporary files that dead writers left. Call it before
     any image of this run is written; concurrent writers of the same settings may all call it."""
     out = Path(out_dir)
-    if not (out / MANIFEST).exists():
+    check_sample_folder(out, manifest)
+    if not os.path.lexists(out / MANIFEST):
         payload = (json.dumps(manifest, indent=2) + "\n").encode()
         tmp = out / f".{MANIFEST}.{writer_id()}.{os.urandom(4).hex()}.tmp"
         with open(tmp, "xb") as f:
@@ -173,6 +175,9 @@ def open_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
             os.link(tmp, out / MANIFEST)
         except FileExistsError:
             pass
+        except OSError:  # a file system without hard links: create it exclusively in place
+            with contextlib.suppress(FileExistsError), open(out / MANIFEST, "xb") as f:
+                f.write(payload)
         finally:
             tmp.unlink()
     check_sample_folder(out, manifest)

@@ -23,10 +23,6 @@ from kve_lightning.metrics import FEATURES, Features, build_fid
 from kve_lightning.rng import get_rng_states, set_rng_states
 from kve_lightning.sampling import SamplerSettings, sample_karras_ve
 
-# the hyper-parameters that shape the weights: a checkpoint's must not be contradicted when loading it
-ARCHITECTURE = ("image_size", "channels", "unet")
-
-
 def unet_config(image_size: int, channels: int, unet: dict[str, Any] | None) -> dict[str, Any]:
     """The ``UNet2DModel`` keyword arguments for ``channels`` x ``image_size`` x ``image_size`` images:
     ``default_unet_config`` updated with ``unet``; a ``ValueError`` naming a size or channel count it cannot take."""
@@ -73,9 +69,9 @@ class KarrasVeModule(L.LightningModule):
         fid_every_n_epochs: log ``val/fid`` every n epochs (0: never).
         fid_num_samples: samples per FID, against the training images.
         fid_features: the FID's features: "digits" (offline) or "inception" (metrics.py).
-        **sampler: the other ``SamplerSettings`` (num_steps, sigma_min, sigma_max, schedule, rho, s_churn, s_min,
-            s_max, s_noise, solver), at their defaults unless given; [sigma_min, sigma_max] is also the training noise range. They are stored flat
-            in the hyper-parameters and can change whenever a checkpoint is loaded.
+        **sampler: the other fields of ``SamplerSettings``, at its defaults unless given; [sigma_min, sigma_max] is
+            also the training noise range. They are stored flat in the hyper-parameters and can change whenever a
+            checkpoint is loaded.
     """
 
     def __init__(

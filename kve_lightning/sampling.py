@@ -10,7 +10,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Literal, Mapping, Sequence, get_args
+from typing import Any, Callable, Literal, Mapping, Sequence, get_args, get_type_hints
 
 import torch
 
@@ -74,12 +74,12 @@ class SamplerSettings:
         if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or not 0 <= rows <= 2**16:
             raise ValueError(f"micro_batch must be an integer in [0, 65536], got micro_batch={rows!r}")
         object.__setattr__(self, "micro_batch", int(rows))
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "float":
+        for name, hint in get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if hint is float:
                 if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                    raise ValueError(f"{f.name} must be a finite number, got {f.name}={value!r}")
-                object.__setattr__(self, f.name, float(value))
+                    raise ValueError(f"{name} must be a finite number, got {name}={value!r}")
+                object.__setattr__(self, name, float(value))
         if not isinstance(self.clamp_denoised, bool):
             raise ValueError(f"clamp_denoised must be true or false, got clamp_denoised={self.clamp_denoised!r}")
         for name, choices in (("schedule", SCHEDULES), ("solver", SOLVERS)):

@@ -126,7 +126,7 @@ def test_predict_applies_sampler_flags_over_the_checkpoint(trained_run, tmp_path
     assert predict(tmp_path / "flags", "--model.num_steps=3", "--model.s_churn=0") == stored | {
         "num_steps": 3, "s_churn": 0.0}
     assert predict(tmp_path / "churn", "--model.s_churn=0") == stored | {"s_churn": 0.0}  # 4 steps, as trained
-    # with the config of the run: its settings apply (it gives all of them), flags on top
+    # with the config of the run and its flags (TINY_MODEL_ARGS gives num_steps=4): the later flags win
     cli_main(["predict", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS, f"--ckpt_path={ckpt}",
               "--model.num_steps=3", "--model.s_churn=0", "--data.predict_seeds=3-5",
               f"--writer.output_dir={tmp_path / 'config'}", "--trainer.logger=false"])
@@ -162,8 +162,10 @@ def test_default_root_dir_holds_the_whole_run_and_last_resumes_there(tmp_path, m
     assert list(work.iterdir()) == []  # nothing under ./runs or anywhere else
     assert (root / "checkpoints" / "last.ckpt").is_file()
     assert list(root.rglob("events.out.tfevents.*")) and list(root.rglob("config.yaml"))
-    cli_main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
-    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # resumed at 2
+    cli_main([*args, "--trainer.max_epochs=2", "--ckpt_path=last", "--model.s_churn=5"])  # new sampler settings
+    resumed = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 4  # resumed at 2
+    assert resumed["hyper_parameters"]["s_churn"] == 5.0 and resumed["hyper_parameters"]["num_steps"] == 4
     assert list(work.iterdir()) == []
 
 

@@ -302,3 +302,21 @@ def test_an_export_naming_another_scheduler_is_refused_before_writing(trained_ru
     refused(lambda: sample_script(["--model", str(tmp_path / "e"), "--out", str(tmp_path / "o")]), capsys,
             "DDPMScheduler")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_dangling_manifest_link_is_not_a_missing_manifest(trained_run, tmp_path, capsys):
+    _, ckpt = trained_run
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").symlink_to(tmp_path / "nowhere.json")
+    refused(lambda: sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--seeds", "0"]), capsys,
+            "manifest.json", "cannot read")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["manifest.json"]
+
+
+def test_ckpt_path_best_needs_a_monitored_metric(trained_run, capsys, tmp_path, monkeypatch):
+    root, _ = trained_run
+    monkeypatch.chdir(tmp_path)
+    refused(lambda: cli_main(["predict", CONFIG, *TINY_MODEL_ARGS, "--ckpt_path=best",
+                              f"--trainer.default_root_dir={root / 'runs' / 'digits'}", "--writer.output_dir=out"]),
+            capsys, "--ckpt_path best", "monitors a metric")
+    assert list(tmp_path.iterdir()) == []

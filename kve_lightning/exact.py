@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -34,6 +36,15 @@ class GaussianMixture:
         sq = (x**2).sum(1, keepdim=True) - 2 * x @ mu.T + (mu**2).sum(1)[None]  # ||x - mu_k||^2, [B, K]
         log_p = self.weights.log().to(x.device) - 0.5 * sq / var - 0.5 * x.shape[1] * var.log()
         return torch.softmax(log_p, dim=1)
+
+    def log_prob(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """log p(x; sigma) = log sum_k w_k N(x; mu_k, (s_k^2 + sigma^2) I) per row, float64."""
+        x = x.double().flatten(1)
+        mu = self.means.flatten(1).to(x.device)
+        var = self.stds.to(x.device)[None] ** 2 + sigma**2  # [1, K]
+        sq = torch.cdist(x, mu) ** 2  # [B, K]
+        log_n = -0.5 * sq / var - 0.5 * x.shape[1] * (2 * math.pi * var).log()
+        return torch.logsumexp(self.weights.log().to(x.device) + log_n, dim=1)
 
     def denoiser(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """D(x; sigma) = E[y | y + sigma n = x] = sum_k r_k (mu_k + shrink_k (x - mu_k)), exactly."""

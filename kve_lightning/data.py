@@ -133,6 +133,19 @@ class ImageFolder(Dataset):
             return self.transform(to_8bit(img))
 
 
+class Indexed(Dataset):
+    """(index, item) pairs of a dataset."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        return i, self.dataset[i]
+
+
 class FlipDataset(Dataset):
     """Random horizontal flips of a tensor dataset (training split only)."""
 
@@ -296,6 +309,16 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split (the validation images, never trained on) as (index, image) batches: ``kve test``."""
+        return DataLoader(Indexed(self.val_set), batch_size=self.hparams.batch_size, shuffle=False,
+                          num_workers=self.hparams.num_workers)
+
+    @property
+    def levels(self) -> int:
+        """The data's quantization levels per channel: 17 for scikit-learn's digits (0..16), 256 for 8-bit images."""
+        return 17 if self.hparams.dataset == "digits" else 256
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(torch.tensor(self.seeds, dtype=torch.long), batch_size=self.hparams.predict_batch_size,

@@ -24,7 +24,7 @@ from typing import Callable, Literal
 
 import torch
 
-from kve_lightning.sampling import Denoiser, Generator, randn_per_row
+from kve_lightning.sampling import Denoiser, Generator, rand_per_row, randn_per_row
 
 Divergence = Literal["exact", "hutchinson"]
 Probe = Literal["rademacher", "gaussian"]
@@ -50,8 +50,8 @@ def _divergence(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, probes
     """D(x; sigma) and div_x D per row: exactly (one vector-Jacobian product per dimension) when ``probes`` is
     None, else Hutchinson's mean of v^T (dD/dx) v over the probes (one product each). Rows are independent, so
     the gradient of a batch sum gives each row's own product."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():  # also inside Lightning's validate/test loops
+        x = x.clone().requires_grad_(True)
         D = denoiser(x, sigma)
         if probes is None:
             flat = D.flatten(1)
@@ -62,6 +62,7 @@ def _divergence(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, probes
         else:
             div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
             for k, v in enumerate(probes):
+                v = v.clone()  # a normal tensor even if drawn in inference mode: autograd saves it
                 (g,) = torch.autograd.grad((D * v).sum(), x, retain_graph=k < len(probes) - 1)
                 div = div + (g * v).flatten(1).sum(1)
             div = div / len(probes)
@@ -141,23 +142,25 @@ def log_likelihood(
     return prior.to(x.dtype) + integral
 
 
-def bits_per_dim(
+def bits_per_dim_per_image(
     denoiser: Denoiser,
     images: torch.Tensor,
     levels: int,
     *,
     num_draws: int = 1,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     **kwargs,
-) -> tuple[float, float]:
-    """Bits per dimension of ``levels``-level data scaled to [-1, 1] (levels v_j = -1 + j w, w = 2 / (levels - 1);
-    256 for 8-bit images, 17 for scikit-learn's digits), with uniform dequantization inside each bin:
+) -> torch.Tensor:
+    """Bits per dimension of each image of ``levels``-level data scaled to [-1, 1] (levels v_j = -1 + j w,
+    w = 2 / (levels - 1); 256 for 8-bit images, 17 for scikit-learn's digits), with uniform dequantization inside
+    each bin:
 
         bpd(y) = ( -E_u[log p(y + w (u - 1/2))] / ln 2  -  d log2 w ) / d,   u ~ U[0, 1)^d,
 
     an upper bound on -log2 P(bin of y) / d, the bits of the discrete data (-d log2 w is the offset of the [-1, 1]
-    scaling: a bin of width w holds probability ~ p w^d). Averaged over ``num_draws`` dequantization draws per
-    image; returns the mean over images and its standard error. ``kwargs`` go to ``log_likelihood``.
+    scaling: a bin of width w holds probability ~ p w^d). Averaged over ``num_draws`` dequantization draws; the
+    draws and the Hutchinson probes come from ``generator`` (one per row: a row's value depends on its own only).
+    ``kwargs`` go to ``log_likelihood``. Returns float64 [B] on the CPU.
     """
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"levels must be an integer >= 2, got levels={levels!r}")
@@ -167,10 +170,18 @@ def bits_per_dim(
     d = images[0].numel()
     per_image = torch.zeros(images.shape[0], dtype=torch.float64)
     for _ in range(num_draws):
-        u = torch.rand(images.shape, generator=generator, dtype=images.dtype).to(images.device)
-        log_p = log_likelihood(denoiser, images + w * (u - 0.5), **kwargs)
+        u = rand_per_row(images.shape, generator, images.device, images.dtype)
+        log_p = log_likelihood(denoiser, images + w * (u - 0.5), generator=generator, **kwargs)
         per_image += (-log_p.double().cpu() / math.log(2) - d * math.log2(w)) / d
-    per_image /= num_draws
-    n = per_image.numel()
-    stderr = float(per_image.std() / math.sqrt(n)) if n > 1 else float("nan")
-    return float(per_image.mean()), stderr
+    return per_image / num_draws
+
+
+def bits_per_dim(denoiser: Denoiser, images: torch.Tensor, levels: int, **kwargs) -> tuple[float, float]:
+    """The mean of ``bits_per_dim_per_image`` over ``images`` and its standard error (NaN for one image)."""
+    per_image = bits_per_dim_per_image(denoiser, images, levels, **kwargs)
+    return mean_and_stderr(per_image)
+
+
+def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
+    n = values.numel()
+    return float(values.mean()), float(values.std() / math.sqrt(n)) if n > 1 else float("nan")

@@ -19,6 +19,7 @@ from kve_lightning.data import FlipDataset
 from kve_lightning.denoiser import VEDenoiser, default_unet_config, dsm_loss, ve_loss
 from kve_lightning.ema import EMA
 from kve_lightning.images import to_unit
+from kve_lightning.likelihood import bits_per_dim_per_image, mean_and_stderr
 from kve_lightning.metrics import FEATURES, Features, build_fid
 from kve_lightning.rng import get_rng_states, set_rng_states
 from kve_lightning.sampling import SamplerSettings, sample_karras_ve
@@ -69,6 +70,10 @@ class KarrasVeModule(L.LightningModule):
         fid_every_n_epochs: log ``val/fid`` every n epochs (0: never).
         fid_num_samples: samples per FID, against the training images.
         fid_features: the FID's features: "digits" (offline) or "inception" (metrics.py).
+        likelihood_steps: RK4 steps of the probability-flow ODE for bits/dim (``kve test``, ``val/bpd``; 4 NFE each).
+        likelihood_probes: Hutchinson probes per image for bits/dim.
+        bpd_every_n_epochs: log ``val/bpd`` of the first ``bpd_num_images`` held-out images every n epochs (0: never).
+        bpd_num_images: held-out images in ``val/bpd``.
         **sampler: the other fields of ``SamplerSettings``, at its defaults unless given; [sigma_min, sigma_max] is
             also the training noise range. They are stored flat in the hyper-parameters and can change whenever a
             checkpoint is loaded.
@@ -99,6 +104,10 @@ class KarrasVeModule(L.LightningModule):
         fid_every_n_epochs: int = 0,
         fid_num_samples: int = 1000,
         fid_features: Features = "digits",
+        likelihood_steps: int = 64,
+        likelihood_probes: int = 1,
+        bpd_every_n_epochs: int = 0,
+        bpd_num_images: int = 64,
         **sampler: Any,
     ):
         super().__init__()
@@ -114,7 +123,12 @@ class KarrasVeModule(L.LightningModule):
         if fid_every_n_epochs < 0 or fid_num_samples < 2 or fid_features not in FEATURES:
             raise ValueError(f"need fid_every_n_epochs >= 0, fid_num_samples >= 2, fid_features in {FEATURES}; got "
                              f"{fid_every_n_epochs}, {fid_num_samples}, {fid_features!r}")
+        if likelihood_steps < 1 or likelihood_probes < 1 or bpd_every_n_epochs < 0 or bpd_num_images < 1:
+            raise ValueError(f"need likelihood_steps >= 1, likelihood_probes >= 1, bpd_every_n_epochs >= 0, "
+                             f"bpd_num_images >= 1; got {likelihood_steps}, {likelihood_probes}, "
+                             f"{bpd_every_n_epochs}, {bpd_num_images}")
         self._fid: dict[str, Any] = {}  # a plain dict: the FID metric stays out of state_dict
+        self._test_bpd: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.skipped_steps = 0
         self.consecutive_bad_steps = 0
         # fixed validation sigmas, log-spaced over [sigma_min, sigma_max]
@@ -221,10 +235,47 @@ class KarrasVeModule(L.LightningModule):
             return
         if hp.fid_every_n_epochs and (self.current_epoch + 1) % hp.fid_every_n_epochs == 0:
             self.log("val/fid", self.fid(), rank_zero_only=True)
+        if hp.bpd_every_n_epochs and (self.current_epoch + 1) % hp.bpd_every_n_epochs == 0:
+            held_out = self.trainer.datamodule.val_set
+            images = torch.stack([held_out[i] for i in range(min(hp.bpd_num_images, len(held_out)))])
+            bpd = self.bits_per_dim(torch.arange(len(images)), images.to(self.device))
+            self.log("val/bpd", bpd.mean().item(), rank_zero_only=True)
         if hp.grid_size and isinstance(self.logger, TensorBoardLogger):
             grid, strip = self.sample_grid()
             self.logger.experiment.add_image("samples/grid", grid, self.global_step)
             self.logger.experiment.add_image("samples/trajectory", strip, self.global_step)
+
+    # ------------------------------------------------------------------ likelihood
+
+    def bits_per_dim(self, index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Bits/dim of each image (``likelihood.bits_per_dim_per_image``) at the data's quantization, its
+        dequantization noise and probes from ``torch.Generator().manual_seed(index)``: an image's value depends on
+        its index in its split, not on its batch or rank."""
+        levels = getattr(self.trainer.datamodule, "levels", 256) if self._trainer is not None else 256
+        gens = [torch.Generator().manual_seed(int(i)) for i in index]
+        return bits_per_dim_per_image(self.denoiser, images, levels, generator=gens,
+                                      steps=self.hparams.likelihood_steps, num_probes=self.hparams.likelihood_probes,
+                                      sigma_min=self.sampler.sigma_min, sigma_max=self.sampler.sigma_max)
+
+    def on_test_epoch_start(self) -> None:
+        self._test_bpd = []
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """``batch``: (indices in the held-out split, images). Each rank integrates its own images, no collective."""
+        index, images = batch
+        self._test_bpd.append((index.cpu(), self.bits_per_dim(index, images)))
+
+    def on_test_epoch_end(self) -> None:
+        """Gather every rank's (index, bpd) once, drop the duplicates a distributed sampler pads with, and log
+        ``test/bpd`` (the mean over held-out images) and ``test/bpd_stderr``."""
+        index = torch.cat([i for i, _ in self._test_bpd]).to(self.device)
+        bpd = torch.cat([b for _, b in self._test_bpd]).to(self.device)
+        if self.trainer.world_size > 1:
+            index, bpd = self.all_gather(index).flatten(), self.all_gather(bpd).flatten()
+        unique = {int(i): float(b) for i, b in zip(index.cpu(), bpd.cpu())}
+        mean, stderr = mean_and_stderr(torch.tensor(list(unique.values()), dtype=torch.float64))
+        self.log("test/bpd", mean, rank_zero_only=True)
+        self.log("test/bpd_stderr", stderr, rank_zero_only=True)
 
     @torch.no_grad()
     def fid(self) -> float:

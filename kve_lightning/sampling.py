@@ -164,6 +164,16 @@ def _check_sigmas(sigmas: torch.Tensor) -> list[float]:
     return values
 
 
+def _per_row(draw: Callable, shape: Sequence[int], generator: Generator, device, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator list has length {len(generator)} but the batch size is {shape[0]}")
+        rows = [draw(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.stack(rows).to(device)
+    gen_device = generator.device if generator is not None else device
+    return draw(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
 def randn_per_row(
     shape: Sequence[int], generator: Generator, device: torch.device | str | None, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -172,13 +182,14 @@ def randn_per_row(
     Noise is drawn on the generator's own device and then moved, so a CPU generator gives the same numbers
     whichever device the sample lives on.
     """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"generator list has length {len(generator)} but the batch size is {shape[0]}")
-        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.stack(rows).to(device)
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+    return _per_row(torch.randn, shape, generator, device, dtype)
+
+
+def rand_per_row(
+    shape: Sequence[int], generator: Generator, device: torch.device | str | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Uniform [0, 1) noise of ``shape``, per row as ``randn_per_row``."""
+    return _per_row(torch.rand, shape, generator, device, dtype)
 
 
 def in_micro_batches(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, rows: int) -> torch.Tensor:

@@ -68,8 +68,8 @@ FIT_CASES = [
     (["--data.predict_seeds=a"], ["'a'"]),
     (["--data.predict_seeds=-1"], ["-1"]),
     (["--config={tmp}/typo.yaml"], ["num_stepz"]),
-    (["--model.s_churn=nan"], ["s_churn=nan"]),
-    (["--model.sigma_max=inf"], ["sigma_max=inf"]),
+    (["--model.s_churn=nan"], ["s_churn", "nan"]),  # named by SamplerSettings or, in newer jsonargparse, the parser
+    (["--model.sigma_max=inf"], ["sigma_max", "inf"]),
     (["--model.schedule=cosine"], ["cosine"]),
     (["--ckpt_path=last"], ["--ckpt_path last", "no last.ckpt"]),
 ]
@@ -93,7 +93,7 @@ PREDICT_CASES = [
     (["--ckpt_path={ckpt}", "--data.image_size=16"], ["image_size=16 here but 8"]),
     (["--ckpt_path={ckpt}", "--data.channels=3"], ["channels=3 here but 1"]),
     (["--ckpt_path={ckpt}", "--model.num_steps=1"], ["num_steps=1"]),
-    (["--ckpt_path={ckpt}", "--model.s_noise=inf"], ["s_noise=inf"]),
+    (["--ckpt_path={ckpt}", "--model.s_noise=inf"], ["s_noise", "inf"]),
     (["--ckpt_path={ckpt}", "--weights_only=false"], ["--weights_only false is refused"]),
     (["--ckpt_path=last"], ["--ckpt_path last", "no last.ckpt"]),
     (["--ckpt_path=http://127.0.0.1:9/model.ckpt"], ["http://127.0.0.1:9/model.ckpt", "local checkpoint files only"]),

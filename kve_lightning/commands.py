@@ -54,6 +54,15 @@ def sampler_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in fields(SamplerSettings) if getattr(args, f.name) is not None}
 
 
+def model_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser for a command that reads a trained model: exactly one of --ckpt and --model."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="a checkpoint written by `kve fit` (a pickle: trusted sources only)")
+    source.add_argument("--model", help="a folder written by kve-export (no pickle)")
+    return p
+
+
 def fail(parser: argparse.ArgumentParser, err: BaseException) -> None:
     parser.exit(2, f"{parser.prog}: error: {' '.join(str(err).split())}\n")
 
@@ -115,11 +124,7 @@ whose PNG is missing (--no-skip-existing: all of them again); a folder whose man
 
 def sample_main(argv: list[str] | None = None) -> None:
     """``kve-sample``."""
-    p = argparse.ArgumentParser(prog="kve-sample", description=SAMPLE_DOC,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="a checkpoint written by `kve fit` (a pickle: trusted sources only)")
-    source.add_argument("--model", help="a folder written by kve-export (no pickle)")
+    p = model_parser("kve-sample", SAMPLE_DOC)
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--seeds", default="0-63", help='seeds, e.g. "0-63" or "0-9,20" (default 0-63)')
     p.add_argument("--batch-size", type=int, default=64, help="images sampled at once (default 64)")
@@ -196,11 +201,7 @@ gives bits/dim with its standard error over images, the NFE per image and the wa
 
 def likelihood_main(argv: list[str] | None = None) -> None:
     """``kve-likelihood``."""
-    p = argparse.ArgumentParser(prog="kve-likelihood", description=LIKELIHOOD_DOC,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="a checkpoint written by `kve fit` (a pickle: trusted sources only)")
-    source.add_argument("--model", help="a folder written by kve-export (no pickle)")
+    p = model_parser("kve-likelihood", LIKELIHOOD_DOC)
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="the images' data set (default digits)")
     p.add_argument("--root", default="data", help="where a torchvision data set or an image folder lives")
     p.add_argument("--split", default="val", choices=("val", "all"), help="held-out images only (default) or all")

@@ -3,6 +3,7 @@ and the bins of a quantized Gaussian."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +167,17 @@ def test_kve_likelihood_bad_input(trained_run, tmp_path, capsys, flags, needle):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and needle in err and err.startswith("kve-likelihood: error:"), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_benchmark_script_prints_its_table(trained_run, monkeypatch, capsys):
+    """scripts/benchmark_likelihood.py end to end on the tiny checkpoint (1 ODE step, one mixture)."""
+    import runpy
+
+    _, ckpt = trained_run
+    monkeypatch.setattr("sys.argv", ["benchmark_likelihood.py", "--ckpt", str(ckpt), "--steps", "1",
+                                     "--components", "2", "--fit-draws", "1"])
+    runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "benchmark_likelihood.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "bits/dim" not in line]
+    assert len(rows) == 3 and "GaussianMixture, 2 full-covariance" in out and "| 4.087 | 0 |" in out
+    assert all(math.isfinite(float(row.split("|")[2])) for row in rows)

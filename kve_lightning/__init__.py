@@ -3,6 +3,7 @@
 from kve_lightning.data import ImageDataModule
 from kve_lightning.denoiser import VEDenoiser
 from kve_lightning.module import KarrasVeModule
-from kve_lightning.sampling import karras_ve_sigmas, sample_karras_ve
+from kve_lightning.sampling import SamplerSettings, inpaint_karras_ve, karras_ve_sigmas, sample_karras_ve
 
-__all__ = ["ImageDataModule", "KarrasVeModule", "VEDenoiser", "karras_ve_sigmas", "sample_karras_ve"]
+__all__ = ["ImageDataModule", "KarrasVeModule", "SamplerSettings", "VEDenoiser", "inpaint_karras_ve", "karras_ve_sigmas",
+           "sample_karras_ve"]

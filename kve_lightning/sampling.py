@@ -231,13 +231,27 @@ def sample_karras_ve(
     row. ``callback(i, sigma_hat, x_hat, denoised)`` is called after each step's first denoiser evaluation.
     """
     settings = (settings or SamplerSettings()).replace(**overrides)
-    sigma = _check_sigmas(settings.sigmas() if sigmas is None else sigmas)
-    N = len(sigma) - 1
     if latents is not None:
         if tuple(latents.shape) != tuple(shape):
             raise ValueError(f"latents has shape {tuple(latents.shape)} but shape={tuple(shape)}")
         device, dtype = latents.device, latents.dtype
+    return _algorithm2(denoiser, shape, settings, sigmas, generator, latents, device, dtype, callback)
+
+
+Projection = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def _algorithm2(denoiser: Denoiser, shape: Sequence[int], settings: SamplerSettings, sigmas: torch.Tensor | None,
+                generator: Generator, latents: torch.Tensor | None, device, dtype: torch.dtype, callback,
+                project: Projection | None = None, resample: int = 1) -> torch.Tensor:
+    """The loop of ``sample_karras_ve``. ``project(x, sigma)`` (inpainting) is applied to every state the loop
+    holds at a known noise level: x_0, x_hat, the Euler step before its correction, and x_{i+1}; ``resample`` > 1
+    runs each step that many times, jumping back from sigma_{i+1} to sigma_i with fresh noise in between (RePaint).
+    Without them the loop is Algorithm 2 exactly, drawing the same noise."""
+    sigma = _check_sigmas(settings.sigmas() if sigmas is None else sigmas)
+    N = len(sigma) - 1
     batch = shape[0]
+    project = project or (lambda x, s: x)
 
     def D(x: torch.Tensor, s: float) -> torch.Tensor:
         denoised = in_micro_batches(denoiser, x, torch.full((batch,), s, device=x.device, dtype=x.dtype),
@@ -245,18 +259,84 @@ def sample_karras_ve(
         return denoised.clamp(-1, 1) if settings.clamp_denoised else denoised
 
     x = latents if latents is not None else sigma[0] * randn_per_row(shape, generator, device, dtype)
+    x = project(x, sigma[0])
     gamma_max = min(settings.s_churn / N, math.sqrt(2) - 1)
     for i in range(N):
         gamma = gamma_max if settings.s_min <= sigma[i] <= settings.s_max else 0.0
-        eps = randn_per_row(shape, generator, x.device, x.dtype)
-        sigma_hat = (1 + gamma) * sigma[i]
-        x_hat = x + math.sqrt(sigma_hat**2 - sigma[i] ** 2) * settings.s_noise * eps
-        denoised = D(x_hat, sigma_hat)
-        d = (x_hat - denoised) / sigma_hat
-        x = x_hat + (sigma[i + 1] - sigma_hat) * d
-        if settings.solver == "heun" and sigma[i + 1] != 0:
-            d_prime = (x - D(x, sigma[i + 1])) / sigma[i + 1]
-            x = x_hat + (sigma[i + 1] - sigma_hat) * (d + d_prime) / 2
-        if callback is not None:
-            callback(i, sigma_hat, x_hat, denoised)
+        for r in range(resample):
+            if r > 0:  # RePaint: back from sigma_{i+1} to sigma_i by adding the noise the step removed
+                x = x + math.sqrt(sigma[i] ** 2 - sigma[i + 1] ** 2) * randn_per_row(shape, generator, x.device,
+                                                                                     x.dtype)
+                x = project(x, sigma[i])
+            eps = randn_per_row(shape, generator, x.device, x.dtype)
+            sigma_hat = (1 + gamma) * sigma[i]
+            x_hat = project(x + math.sqrt(sigma_hat**2 - sigma[i] ** 2) * settings.s_noise * eps, sigma_hat)
+            denoised = D(x_hat, sigma_hat)
+            d = (x_hat - denoised) / sigma_hat
+            x = x_hat + (sigma[i + 1] - sigma_hat) * d
+            if settings.solver == "heun" and sigma[i + 1] != 0:
+                x = project(x, sigma[i + 1])
+                d_prime = (x - D(x, sigma[i + 1])) / sigma[i + 1]
+                x = x_hat + (sigma[i + 1] - sigma_hat) * (d + d_prime) / 2
+            x = project(x, sigma[i + 1])
+            if callback is not None:
+                callback(i, sigma_hat, x_hat, denoised)
     return x
+
+
+@torch.no_grad()
+def inpaint_karras_ve(
+    denoiser: Denoiser,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    resample: int = 2,
+    settings: SamplerSettings | None = None,
+    generator: Generator = None,
+    callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
+    **overrides: Any,
+) -> torch.Tensor:
+    """Algorithm 2 conditioned on the entries of ``y`` where ``mask`` is True (bool, broadcastable to y): returns x
+    with x[mask] == y[mask] exactly and the other entries drawn from (an approximation of) the model's conditional.
+
+    Replacement (score_sde): every state of the loop at noise level sigma gets its known entries set to
+    y + sigma * z with fresh noise z (drawn only for rows with a known entry, from the row's generator). ``resample``
+    R > 1 adds RePaint's resampling: each step runs R times, jumping back from sigma_{i+1} to sigma_i in between
+    (NFE x R). The default R = 2 is measured on an exact mixture with half of its coordinates observed
+    (tests/test_inpainting.py): at 18 steps replacement alone puts 3.3 % of the mass in a wrong component, R = 2
+    0.2 %, R = 4 0.05 %. With nothing known and R = 1 it draws the same noise as ``sample_karras_ve`` and returns its
+    sample.
+    ``settings``/``overrides``/``generator``/``callback`` as for ``sample_karras_ve``.
+    """
+    if not torch.is_tensor(y) or not y.is_floating_point() or y.ndim < 2 or not y.isfinite().all():
+        raise ValueError("y must be a finite floating-point tensor of shape [B, ...]")
+    if not torch.is_tensor(mask) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = known), got {getattr(mask, 'dtype', type(mask))}")
+    try:
+        mask = torch.broadcast_to(mask.to(y.device), y.shape)
+    except RuntimeError:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to y's shape {tuple(y.shape)}") from None
+    if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
+        raise ValueError(f"resample must be an integer >= 1, got resample={resample!r}")
+    settings = (settings or SamplerSettings()).replace(**overrides)
+    known_rows = mask.flatten(1).any(1).tolist()
+
+    def noise_of_known_rows() -> torch.Tensor:
+        if not isinstance(generator, (list, tuple)):
+            return randn_per_row(y.shape, generator, y.device, y.dtype)
+        if len(generator) != y.shape[0]:
+            raise ValueError(f"generator list has length {len(generator)} but the batch size is {y.shape[0]}")
+        z = torch.zeros_like(y)
+        for k, g in enumerate(generator):
+            if known_rows[k]:
+                z[k] = torch.randn(y.shape[1:], generator=g, device=g.device, dtype=y.dtype).to(y.device)
+        return z
+
+    def project(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if not any(known_rows):
+            return x
+        noisy = y if sigma == 0 else y + sigma * noise_of_known_rows()
+        return torch.where(mask, noisy, x)
+
+    return _algorithm2(denoiser, y.shape, settings, None, generator, None, y.device, y.dtype, callback, project,
+                       resample)

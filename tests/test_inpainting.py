@@ -1,0 +1,94 @@
+"""inpaint_karras_ve: known entries kept exactly, the unknown ones drawn from the exact conditional of a mixture."""
+
+import pytest
+import torch
+
+from kve_lightning.exact import GaussianMixture
+from kve_lightning.sampling import inpaint_karras_ve, sample_karras_ve
+
+D = 4
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    """Three isotropic components in 1 x 4 x 4 with distinct top and bottom halves (component 2: left half 0.5,
+    right half -0.5)."""
+    means = torch.stack([torch.full((1, D, D), 0.5), torch.full((1, D, D), -0.5),
+                         torch.cat([torch.full((1, D, D // 2), 0.5), torch.full((1, D, D // 2), -0.5)], 2)])
+    return GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), means, torch.tensor([0.1, 0.2, 0.15]))
+
+
+TOP = torch.zeros(1, 1, D, D, dtype=torch.bool)
+TOP[..., : D // 2, :] = True
+
+
+def observation(mixture):
+    g = torch.Generator().manual_seed(1)
+    return mixture.means[:1] + 0.12 * torch.randn((1, 1, D, D), generator=g, dtype=torch.float64)
+
+
+def test_known_entries_are_kept_and_the_rest_varies_with_the_seed(mixture):
+    y = observation(mixture).expand(3, -1, -1, -1).clone()
+    a = inpaint_karras_ve(mixture.denoiser, y, TOP, num_steps=6, generator=[torch.Generator().manual_seed(s)
+                                                                             for s in (0, 1, 2)])
+    assert torch.equal(a[TOP.expand_as(a)], y[TOP.expand_as(y)])
+    unknown = a[~TOP.expand_as(a)].reshape(3, -1)
+    assert not torch.equal(unknown[0], unknown[1]) and not torch.equal(unknown[1], unknown[2])
+
+
+def test_a_rows_result_does_not_depend_on_its_batch(mixture):
+    y = torch.cat([observation(mixture), mixture.means[1:2], mixture.means[2:3]])
+    mask = torch.stack([TOP[0], ~TOP[0], torch.zeros_like(TOP[0])])  # a row with nothing known among them
+    batch = inpaint_karras_ve(mixture.denoiser, y, mask, num_steps=6,
+                              generator=[torch.Generator().manual_seed(s) for s in range(3)])
+    for k in range(3):
+        alone = inpaint_karras_ve(mixture.denoiser, y[k:k + 1], mask[k:k + 1], num_steps=6,
+                                  generator=[torch.Generator().manual_seed(k)])
+        torch.testing.assert_close(alone[0], batch[k], rtol=0, atol=1e-12)
+
+
+def test_everything_known_gives_y_and_nothing_known_gives_the_unconditional_sample(mixture):
+    y = observation(mixture).expand(2, -1, -1, -1).clone()
+    everything = torch.ones(1, 1, D, D, dtype=torch.bool)
+    assert torch.equal(inpaint_karras_ve(mixture.denoiser, y, everything, num_steps=5), y)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
+    free = inpaint_karras_ve(mixture.denoiser, y, ~everything, num_steps=5, resample=1, generator=gens())
+    plain = sample_karras_ve(mixture.denoiser, y.shape, num_steps=5, generator=gens(), dtype=y.dtype)
+    assert torch.equal(free, plain)
+
+
+def test_default_resampling_reaches_the_exact_conditional_component_weights(mixture):
+    """The top half observed: the exact conditional's weights are w_k N(y_o; mu_k,o, s_k^2 I) normalised (here
+    one-hot on component 0). 4,000 completions at 18 steps, each assigned to the component whose bottom-half mean is
+    nearest. Measured: replacement alone (R = 1) misplaces 3.3 % of the mass, the default R = 2 0.2 %, R = 4 0.05 %;
+    the sampling error of a fraction p is sqrt(p (1 - p) / n) < 0.3 % here, so R = 2 meets the 2 % goal by far more
+    than 3 standard errors and R = 1 misses it by more than 3."""
+    y_o = observation(mixture)
+    mu_o, mu_u = (m.flatten(1) for m in (mixture.means[:, :, : D // 2], mixture.means[:, :, D // 2:]))
+    var = mixture.stds**2
+    log_w = mixture.weights.log() - 0.5 * ((y_o[:, :, : D // 2].flatten(1) - mu_o) ** 2).sum(1) / var \
+        - 0.5 * mu_o.shape[1] * var.log()
+    exact = torch.softmax(log_w, 0)
+    y = y_o.expand(4000, -1, -1, -1).clone()
+
+    def weight_error(**kwargs):
+        x = inpaint_karras_ve(mixture.denoiser, y, TOP, num_steps=18, generator=torch.Generator().manual_seed(0),
+                              **kwargs)
+        nearest = torch.cdist(x[:, :, D // 2:].flatten(1), mu_u).argmin(1)
+        return (torch.bincount(nearest, minlength=3).double() / len(y) - exact).abs().max().item()
+
+    assert weight_error() < 0.02
+    assert weight_error(resample=1) > 0.025
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(mask=torch.ones(1, 1, 3, 3, dtype=torch.bool)), "does not broadcast"),
+    (dict(mask=torch.ones(1, 1, D, D)), "bool"),
+    (dict(y=torch.full((1, 1, D, D), float("nan"))), "finite"),
+    (dict(resample=0), "resample=0"),
+    (dict(s_churn=-1.0), "s_churn=-1.0"),
+])
+def test_bad_input_names_it(mixture, kwargs, needle):
+    args = dict(y=torch.zeros(1, 1, D, D, dtype=torch.float64), mask=TOP) | kwargs
+    with pytest.raises(ValueError, match=needle):
+        inpaint_karras_ve(mixture.denoiser, **args)

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from kve_lightning.data import DATASETS, ImageDataModule, parse_seeds
 from kve_lightning.denoiser import VEDenoiser
 from kve_lightning.export import export_checkpoint
-from kve_lightning.images import (check_sample_folder, existing_seeds, open_sample_folder, prepare_output_dir,
-                                  sample_manifest, save_atomic, save_grid, save_png, seed_path, to_unit)
-from kve_lightning.likelihood import bits_per_dim_per_image, mean_and_stderr
+from kve_lightning.images import (existing_seeds, open_sample_folder, prepare_output_dir, sample_manifest,
+                                  save_atomic, save_grid, save_png, seed_path, to_unit)
+from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
 from kve_lightning.module import KarrasVeModule
 from kve_lightning.pipeline import KarrasVeLightningPipeline
 from kve_lightning.sampling import SamplerSettings
@@ -142,7 +142,6 @@ def sample_main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         sample, manifest = load_sampler(args, sampler_overrides(args))
         out = prepare_output_dir(args.out)
-        check_sample_folder(out, manifest)
         if args.grid and (out / "grid.png").is_dir():
             raise IsADirectoryError(f"{str(out / 'grid.png')!r} is a directory: cannot write the grid there")
         open_sample_folder(out, manifest)
@@ -233,7 +232,8 @@ def likelihood_main(argv: list[str] | None = None) -> None:
             param.requires_grad_(False)
         data = ImageDataModule(dataset=args.dataset, root=args.root, image_size=int(unet.config.sample_size),
                                channels=int(unet.config.in_channels))
-        data.setup("fit")
+        if args.split == "val":
+            data.setup("fit")
         split = data.val_set if args.split == "val" else data.full_dataset()
         count = len(split) if args.n is None else min(args.n, len(split))
     except (ValueError, OSError) as err:
@@ -245,7 +245,7 @@ def likelihood_main(argv: list[str] | None = None) -> None:
             index = list(range(first, min(first + args.batch_size, count)))
             images = torch.stack([split[i] for i in index]).to(device)
             values.append(bits_per_dim_per_image(
-                denoiser, images, data.levels, generator=[torch.Generator().manual_seed(i) for i in index],
+                denoiser, images, data.levels, generator=index_generators(index),
                 steps=args.steps, num_probes=args.probes, sigma_min=settings.sigma_min, sigma_max=settings.sigma_max))
             bar.update(len(index))
     wall = time.perf_counter() - start

@@ -176,6 +176,12 @@ def bits_per_dim_per_image(
     return per_image / num_draws
 
 
+def index_generators(index) -> list[torch.Generator]:
+    """One generator per image, seeded by its index in its split: ``kve test``, ``kve-likelihood`` and the
+    likelihood benchmark draw the same dequantization and probes for an image, whatever its batch or rank."""
+    return [torch.Generator().manual_seed(int(i)) for i in index]
+
+
 def bits_per_dim(denoiser: Denoiser, images: torch.Tensor, levels: int, **kwargs) -> tuple[float, float]:
     """The mean of ``bits_per_dim_per_image`` over ``images`` and its standard error (NaN for one image)."""
     per_image = bits_per_dim_per_image(denoiser, images, levels, **kwargs)

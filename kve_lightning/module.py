@@ -19,7 +19,7 @@ from kve_lightning.data import FlipDataset
 from kve_lightning.denoiser import VEDenoiser, default_unet_config, dsm_loss, ve_loss
 from kve_lightning.ema import EMA
 from kve_lightning.images import to_unit
-from kve_lightning.likelihood import bits_per_dim_per_image, mean_and_stderr
+from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
 from kve_lightning.metrics import FEATURES, Features, build_fid
 from kve_lightning.rng import get_rng_states, set_rng_states
 from kve_lightning.sampling import SamplerSettings, sample_karras_ve
@@ -252,8 +252,7 @@ class KarrasVeModule(L.LightningModule):
         dequantization noise and probes from ``torch.Generator().manual_seed(index)``: an image's value depends on
         its index in its split, not on its batch or rank."""
         levels = getattr(self.trainer.datamodule, "levels", 256) if self._trainer is not None else 256
-        gens = [torch.Generator().manual_seed(int(i)) for i in index]
-        return bits_per_dim_per_image(self.denoiser, images, levels, generator=gens,
+        return bits_per_dim_per_image(self.denoiser, images, levels, generator=index_generators(index),
                                       steps=self.hparams.likelihood_steps, num_probes=self.hparams.likelihood_probes,
                                       sigma_min=self.sampler.sigma_min, sigma_max=self.sampler.sigma_max)
 

@@ -326,10 +326,9 @@ def inpaint_karras_ve(
             return randn_per_row(y.shape, generator, y.device, y.dtype)
         if len(generator) != y.shape[0]:
             raise ValueError(f"generator list has length {len(generator)} but the batch size is {y.shape[0]}")
+        rows = [k for k, known in enumerate(known_rows) if known]
         z = torch.zeros_like(y)
-        for k, g in enumerate(generator):
-            if known_rows[k]:
-                z[k] = torch.randn(y.shape[1:], generator=g, device=g.device, dtype=y.dtype).to(y.device)
+        z[rows] = randn_per_row((len(rows), *y.shape[1:]), [generator[k] for k in rows], y.device, y.dtype)
         return z
 
     def project(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 from kve_lightning.data import ImageDataModule
-from kve_lightning.likelihood import bits_per_dim_per_image, mean_and_stderr
+from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
 from kve_lightning.module import KarrasVeModule
 from kve_lightning.sampling import rand_per_row
 
@@ -43,18 +43,17 @@ def main() -> None:
     test = torch.stack([data.val_set[i] for i in range(len(data.val_set))])
     train = torch.stack([data.train_set[i] for i in range(len(data.train_set))])
     d = test[0].numel()
-    gens = [torch.Generator().manual_seed(i) for i in range(len(test))]
 
     rows = {}
     start = time.perf_counter()
     rows[f"VE score model (ODE, {args.steps} RK4 steps = {4 * args.steps} NFE, {args.probes} probe)"] = (
-        bits_per_dim_per_image(module.denoiser, test, levels, generator=gens, steps=args.steps,
+        bits_per_dim_per_image(module.denoiser, test, levels, generator=index_generators(range(len(test))), steps=args.steps,
                                num_probes=args.probes, sigma_min=module.sampler.sigma_min,
                                sigma_max=module.sampler.sigma_max))
     model_seconds = time.perf_counter() - start
 
     # the same dequantization draws as the model's: the first uniform draw of each image's generator
-    gens = [torch.Generator().manual_seed(i) for i in range(len(test))]
+    gens = index_generators(range(len(test)))
     x_test = (test + w * (rand_per_row(test.shape, gens, "cpu", test.dtype) - 0.5)).flatten(1).double().numpy()
     g = torch.Generator().manual_seed(12345)
     fit = torch.cat([train + w * (torch.rand(train.shape, generator=g) - 0.5) for _ in range(args.fit_draws)])

@@ -1,12 +1,14 @@
-"""The console scripts ``kve-sample``, ``kve-export`` and ``kve-likelihood`` (``kve`` itself is ``cli.py``).
+"""The console scripts ``kve-sample``, ``kve-export``, ``kve-likelihood`` and ``kve-inpaint`` (``kve`` itself is
+``cli.py``).
 
-Both take the sampler's flags, generated from ``SamplerSettings``' fields, types and ``Args:`` docs; a flag left
+The sampling ones take the sampler's flags, generated from ``SamplerSettings``' fields, types and ``Args:`` docs; a flag left
 out keeps the model's setting. Bad input ends in one line on stderr and exit code 2, with nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -16,17 +18,19 @@ from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
 import docstring_parser
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from kve_lightning.data import DATASETS, ImageDataModule, parse_seeds
+from kve_lightning.data import DATASETS, MAX_SEEDS, ImageDataModule, parse_seeds
 from kve_lightning.denoiser import VEDenoiser
 from kve_lightning.export import export_checkpoint
-from kve_lightning.images import (existing_seeds, open_sample_folder, prepare_output_dir, sample_manifest,
-                                  save_atomic, save_grid, save_png, seed_path, to_unit)
+from kve_lightning.images import (existing_pngs, existing_seeds, open_sample_folder, prepare_output_dir, read_png,
+                                  sample_manifest, save_atomic, save_grid, save_png, seed_path, to_unit)
+from kve_lightning.inpainting import MASK_SPECS, complete, inpainting_grid, parse_mask
 from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
 from kve_lightning.module import KarrasVeModule
 from kve_lightning.pipeline import KarrasVeLightningPipeline
-from kve_lightning.sampling import SamplerSettings
+from kve_lightning.sampling import RESAMPLE, SamplerSettings
 
 Sampler = Callable[[list[int]], torch.Tensor]
 SHORT_FLAGS = {"num_steps": "--steps"}  # an extra, shorter spelling
@@ -105,6 +109,18 @@ def load_sampler(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[S
     pipe = load_pipeline(args.model, device)
     settings = pipe.scheduler.settings.replace(**overrides)
     return lambda seeds: pipe(seeds=seeds, output_type="pt", **overrides).images, sample_manifest(pipe.unet, settings)
+
+
+def load_denoiser(args: argparse.Namespace, device: torch.device) -> tuple[VEDenoiser, SamplerSettings]:
+    """The denoiser (frozen, EMA weights) of --ckpt or --model, and its stored sampler settings."""
+    if args.ckpt is not None:
+        module = KarrasVeModule.from_checkpoint(args.ckpt).to(device)
+        denoiser, settings = module.denoiser, module.sampler
+    else:
+        pipe = load_pipeline(args.model, device)
+        denoiser, settings = VEDenoiser(pipe.unet), pipe.scheduler.settings
+    denoiser.requires_grad_(False)
+    return denoiser, settings
 
 
 SAMPLE_DOC = """Checkpoint or exported folder -> PNGs: the EMA weights, the stochastic Karras VE sampler.
@@ -222,14 +238,8 @@ def likelihood_main(argv: list[str] | None = None) -> None:
         if not out.parent.is_dir():
             raise FileNotFoundError(f"the folder of --out {str(out)!r} does not exist")
         device = parse_device(args.device)
-        if args.ckpt is not None:
-            module = KarrasVeModule.from_checkpoint(args.ckpt).to(device)
-            denoiser, settings, unet = module.denoiser, module.sampler, module.denoiser.unet
-        else:
-            pipe = load_pipeline(args.model, device)
-            denoiser, settings, unet = VEDenoiser(pipe.unet), pipe.scheduler.settings, pipe.unet
-        for param in unet.parameters():
-            param.requires_grad_(False)
+        denoiser, settings = load_denoiser(args, device)
+        unet = denoiser.unet
         data = ImageDataModule(dataset=args.dataset, root=args.root, image_size=int(unet.config.sample_size),
                                channels=int(unet.config.in_channels))
         if args.split == "val":
@@ -258,3 +268,106 @@ def likelihood_main(argv: list[str] | None = None) -> None:
     save_atomic(out, lambda f: f.write(payload))
     print(f"{mean:.4f} +- {stderr:.4f} bits/dim over {count} images ({4 * args.steps} NFE each, {wall:.1f} s): "
           f"{out}", file=sys.stderr)
+
+
+INPAINT_DOC = """Fill in the masked part of images with the model's conditional (inpaint_karras_ve: Algorithm 2 with the
+known pixels replaced at every noise level, and RePaint resampling).
+
+    kve-inpaint --ckpt runs/digits/checkpoints/last.ckpt --split val --n 16 --mask bottom --out inpaint/digits
+    kve-inpaint --model exported/faces --images photos/ --mask hole.png --out inpaint/faces --seeds 0-7
+
+The images are the files of --images (recursively, sorted by path; each must be the model's size) or the held-out
+split of a data module (--split val with --dataset/--root, the split `kve fit` validates on). --mask names the
+pixels to fill: a half (bottom, top, left, right), the center square, random:P (each pixel with probability P), or a
+PNG of the image size whose white pixels are filled. Writes {image:05d}_{seed:06d}.png for every image and seed
+(image = its position in the list), mask.png (white = filled) and grid.png (per image: original | masked |
+completions), atomically; manifest.json records the weights, sampler settings, resampling, mask and images, and a
+rerun of the same command completes only the missing PNGs (a folder of other settings is refused).
+"""
+
+
+def inpaint_main(argv: list[str] | None = None) -> None:
+    """``kve-inpaint``."""
+    p = model_parser("kve-inpaint", INPAINT_DOC)
+    images_from = p.add_mutually_exclusive_group(required=True)
+    images_from.add_argument("--images", help="a folder of images of the model's size")
+    images_from.add_argument("--split", choices=("val",), help="the data module's held-out split (--dataset, --root)")
+    p.add_argument("--dataset", default="digits", choices=DATASETS, help="the data set of --split (default digits)")
+    p.add_argument("--root", default="data", help="where a torchvision data set or an image folder lives")
+    p.add_argument("--n", type=int, default=None, help="use the first N images (default: all)")
+    p.add_argument("--mask", required=True, help=f"the pixels to fill: {', '.join(MASK_SPECS)}")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--seeds", default="0-3", help='completions per image, one per seed (default "0-3")')
+    p.add_argument("--resample", type=int, default=RESAMPLE,
+                   help=f"RePaint resampling: each step runs R times (NFE x R; default {RESAMPLE}, see the README)")
+    p.add_argument("--batch-size", type=int, default=64, help="completions sampled at once (default 64)")
+    p.add_argument("--grid-images", type=int, default=32, help="images in grid.png, 0 for none (default 32)")
+    p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave out the completions whose PNG is already in --out (default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to sample on (default: cuda if available, else cpu)")
+    add_sampler_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+        for name in ("batch_size", "resample") + (("n",) if args.n is not None else ()):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.grid_images < 0:
+            raise ValueError(f"--grid-images must be >= 0, got {args.grid_images}")
+        device = parse_device(args.device)
+        denoiser, settings = load_denoiser(args, device)
+        settings = settings.replace(**sampler_overrides(args))
+        size, channels = int(denoiser.unet.config.sample_size), int(denoiser.unet.config.in_channels)
+        mask = parse_mask(args.mask, size).to(device)
+        images = load_images(args, size, channels)
+        if len(images) * len(seeds) > MAX_SEEDS:
+            raise ValueError(f"{len(images)} images x {len(seeds)} seeds is more than {MAX_SEEDS:,} completions: "
+                             f"split them over several runs")
+        manifest = sample_manifest(denoiser.unet, settings) | {"inpainting": {
+            "resample": args.resample, "mask": args.mask,
+            "mask_sha256": hashlib.sha256(mask.cpu().numpy().tobytes()).hexdigest(),
+            "images_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest(), "images": len(images)}}
+        out = prepare_output_dir(args.out)
+        for name in ("grid.png", "mask.png"):
+            if (out / name).is_dir():
+                raise IsADirectoryError(f"{str(out / name)!r} is a directory: cannot write {name} there")
+        open_sample_folder(out, manifest)
+    except (ValueError, OSError) as err:
+        fail(p, err)
+    save_png((~mask[0]).float(), out / "mask.png")
+    jobs = [(i, s, out / f"{i:05d}_{s:06d}.png") for i in range(len(images)) for s in seeds]
+    done = existing_pngs([path for _, _, path in jobs], manifest) if args.skip_existing else set()
+    todo = [job for job in jobs if job[2] not in done]
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="img", desc="inpainting") as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            x = complete(denoiser, images[[i for i, _, _ in batch]].to(device), mask, [s for _, s, _ in batch],
+                         settings, args.resample)
+            for (_, _, path), image in zip(batch, to_unit(x)):
+                save_png(image, path)
+            bar.update(len(batch))
+    if args.grid_images:
+        shown = range(min(args.grid_images, len(images)))
+        completions = torch.stack([torch.stack([read_png(out / f"{i:05d}_{s:06d}.png") for s in seeds[:8]])
+                                   for i in shown]).float() / 127.5 - 1
+        save_png(inpainting_grid(images[list(shown)], mask.cpu(), completions), out / "grid.png")
+    print(f"wrote {len(todo)} completions to {out} ({len(jobs) - len(todo)} were there)", file=sys.stderr)
+
+
+def load_images(args: argparse.Namespace, size: int, channels: int) -> torch.Tensor:
+    """The first --n images [N, C, H, W] in [-1, 1] of --images (each of the model's size, else a ``ValueError``
+    naming it) or of the held-out split (--split val)."""
+    data = ImageDataModule(dataset="folder" if args.images else args.dataset, root=args.images or args.root,
+                           image_size=size, channels=channels)
+    if args.images:
+        images = data.full_dataset()
+        for path in images.paths[:args.n]:
+            with Image.open(path) as image:
+                if image.size != (size, size):
+                    raise ValueError(f"image {str(path)!r} is {image.size[0]}x{image.size[1]} pixels, the model's "
+                                     f"images are {size}x{size}")
+    else:
+        data.setup("fit")
+        images = data.val_set
+    return torch.stack([images[i] for i in range(min(args.n or len(images), len(images)))])

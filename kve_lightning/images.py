@@ -28,10 +28,11 @@ from torchvision.utils import make_grid
 from kve_lightning.sampling import SamplerSettings
 
 MANIFEST = "manifest.json"
-# what this module writes: seed PNGs, the grid, the manifest, and save_atomic's temporary files
-SEED_PNG = re.compile(r"\d{6,}\.png")
+# what a sample folder holds: sample PNGs ({seed:06d}.png, or {image:05d}_{seed:06d}.png of kve-inpaint), the grid,
+# kve-inpaint's mask.png, the manifest, and save_atomic's temporary files
+SAMPLE_PNG = re.compile(r"(?:\d{5,}_)?\d{6,}\.png")
 # a temporary file names its writer (host and process id) so that a cleanup deletes only those of dead writers
-TEMP_FILE = re.compile(r"\.(?:\d{6,}\.png|grid\.png|manifest\.json)\.(?:([\w-]+)-(\d+)\.)?\w+\.tmp")
+TEMP_FILE = re.compile(r"\.(?:(?:\d{5,}_)?\d{6,}\.png|grid\.png|mask\.png|manifest\.json)\.(?:([\w-]+)-(\d+)\.)?\w+\.tmp")
 
 
 def writer_id() -> str:
@@ -142,8 +143,8 @@ def check_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
     out = Path(out_dir)
     path = out / MANIFEST
     if not os.path.lexists(path):  # a dangling link is a manifest that cannot be read, not a missing one
-        if any(SEED_PNG.fullmatch(p.name) for p in out.iterdir()):
-            raise ValueError(f"output folder {str(out)!r} holds seed PNGs but no {MANIFEST}: refusing to add images "
+        if any(SAMPLE_PNG.fullmatch(p.name) for p in out.iterdir()):
+            raise ValueError(f"output folder {str(out)!r} holds sample PNGs but no {MANIFEST}: refusing to add images "
                              f"of possibly other weights or settings; use a new folder")
         return
     try:
@@ -186,10 +187,10 @@ def open_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
             p.unlink(missing_ok=True)
 
 
-def existing_seeds(out_dir: str | Path, seeds: Sequence[int], manifest: dict[str, Any]) -> set[int]:
-    """The seeds of ``seeds`` whose PNG is in ``out_dir`` and decodes to an image of the manifest's size and channels;
-    a zero-byte, truncated or foreign file does not count (its seed is sampled and the file replaced)."""
-    names = set(os.listdir(out_dir))
+def existing_pngs(paths: Sequence[Path], manifest: dict[str, Any]) -> set[Path]:
+    """Those of ``paths`` (files of one folder) that decode to a PNG of the manifest's size and channels; a
+    zero-byte, truncated or foreign file does not count (its image is sampled again and the file replaced)."""
+    names = set(os.listdir(paths[0].parent)) if paths else set()
     size, mode = (manifest["image_size"],) * 2, "L" if manifest["channels"] == 1 else "RGB"
 
     def intact(path: Path) -> bool:
@@ -200,14 +201,26 @@ def existing_seeds(out_dir: str | Path, seeds: Sequence[int], manifest: dict[str
         except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
             return False
 
-    return {s for s in seeds if seed_path(out_dir, s).name in names and intact(seed_path(out_dir, s))}
+    return {p for p in paths if p.name in names and intact(p)}
+
+
+def existing_seeds(out_dir: str | Path, seeds: Sequence[int], manifest: dict[str, Any]) -> set[int]:
+    """The seeds of ``seeds`` whose PNG is in ``out_dir`` intact (``existing_pngs``)."""
+    done = existing_pngs([seed_path(out_dir, s) for s in seeds], manifest)
+    return {s for s in seeds if seed_path(out_dir, s) in done}
+
+
+def read_png(path: str | Path) -> torch.Tensor:
+    """A PNG written here as [C, H, W] uint8."""
+    with Image.open(path) as image:
+        array = torch.from_numpy(np.array(image, copy=True))
+    return array[None] if array.ndim == 2 else array.permute(2, 0, 1)
 
 
 def save_grid(out_dir: str | Path, seeds: Sequence[int], max_images: int = 256) -> Path:
     """``grid.png`` from the first ``max_images`` seeds' PNGs, read back from ``out_dir`` (memory stays flat)."""
     seeds = list(seeds)[:max_images]
-    images = [torch.from_numpy(np.array(Image.open(seed_path(out_dir, s)), copy=True)) for s in seeds]
-    batch = torch.stack([im[None] if im.ndim == 2 else im.permute(2, 0, 1) for im in images])
+    batch = torch.stack([read_png(seed_path(out_dir, s)) for s in seeds])
     grid = make_grid(batch, nrow=math.ceil(math.sqrt(len(seeds))), padding=1)
     path = Path(out_dir) / "grid.png"
     save_png(Image.fromarray(grid[0].numpy() if batch.shape[1] == 1 else grid.permute(1, 2, 0).numpy()), path)

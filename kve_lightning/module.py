@@ -19,10 +19,11 @@ from kve_lightning.data import FlipDataset
 from kve_lightning.denoiser import VEDenoiser, default_unet_config, dsm_loss, ve_loss
 from kve_lightning.ema import EMA
 from kve_lightning.images import to_unit
+from kve_lightning.inpainting import complete, inpainting_grid, parse_mask
 from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
 from kve_lightning.metrics import FEATURES, Features, build_fid
 from kve_lightning.rng import get_rng_states, set_rng_states
-from kve_lightning.sampling import SamplerSettings, sample_karras_ve
+from kve_lightning.sampling import RESAMPLE, SamplerSettings, sample_karras_ve
 
 def unet_config(image_size: int, channels: int, unet: dict[str, Any] | None) -> dict[str, Any]:
     """The ``UNet2DModel`` keyword arguments for ``channels`` x ``image_size`` x ``image_size`` images:
@@ -39,6 +40,9 @@ def unet_config(image_size: int, channels: int, unet: dict[str, Any] | None) -> 
             f"it must be a positive multiple of {factor}"
         )
     return config
+
+
+INPAINT_COMPLETIONS = 4  # completions per image in the validation inpainting grid
 
 
 class KarrasVeModule(L.LightningModule):
@@ -61,6 +65,8 @@ class KarrasVeModule(L.LightningModule):
         grid_size: samples in the validation grid logged to TensorBoard (0: no grid).
         grid_seed: the grid's first seed; image k uses seed grid_seed + k.
         trajectory_rows: grid samples whose denoising trajectory is logged beside the grid.
+        inpaint_grid_images: held-out images whose bottom half is completed ``INPAINT_COMPLETIONS`` times (seeds
+            grid_seed, ...) in the validation grid ``samples/inpainting`` (0: no inpainting grid).
         trajectory_cols: steps shown per trajectory.
         val_num_sigmas: fixed sigmas, log-spaced over [sigma_min, sigma_max], of the validation loss.
         val_seed: the seed of the validation loss's fixed noise.
@@ -95,6 +101,7 @@ class KarrasVeModule(L.LightningModule):
         grid_size: int = 64,
         grid_seed: int = 0,
         trajectory_rows: int = 4,
+        inpaint_grid_images: int = 8,
         trajectory_cols: int = 8,
         val_num_sigmas: int = 8,
         val_seed: int = 0,
@@ -114,9 +121,10 @@ class KarrasVeModule(L.LightningModule):
         self.save_hyperparameters()
         self.sampler = SamplerSettings(clamp_denoised=clamp_denoised, micro_batch=micro_batch, **sampler)
         self.hparams.update(self.sampler.to_dict())  # every setting, flat: weights-only loading reads it back
-        if lr <= 0 or warmup_steps < 0 or grid_size < 0 or val_num_sigmas < 1:
-            raise ValueError(f"need lr > 0, warmup_steps >= 0, grid_size >= 0, val_num_sigmas >= 1; got lr={lr}, "
-                             f"warmup_steps={warmup_steps}, grid_size={grid_size}, val_num_sigmas={val_num_sigmas}")
+        if lr <= 0 or warmup_steps < 0 or min(grid_size, inpaint_grid_images) < 0 or val_num_sigmas < 1:
+            raise ValueError(f"need lr > 0, warmup_steps >= 0, grid_size >= 0, inpaint_grid_images >= 0, "
+                             f"val_num_sigmas >= 1; got lr={lr}, warmup_steps={warmup_steps}, grid_size={grid_size}, "
+                             f"inpaint_grid_images={inpaint_grid_images}, val_num_sigmas={val_num_sigmas}")
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got max_bad_steps={max_bad_steps}")
         self.denoiser = VEDenoiser(UNet2DModel(**unet_config(image_size, channels, unet)))
@@ -244,6 +252,10 @@ class KarrasVeModule(L.LightningModule):
             grid, strip = self.sample_grid()
             self.logger.experiment.add_image("samples/grid", grid, self.global_step)
             self.logger.experiment.add_image("samples/trajectory", strip, self.global_step)
+        if hp.inpaint_grid_images and isinstance(self.logger, TensorBoardLogger):
+            held_out = self.trainer.datamodule.val_set
+            images = torch.stack([held_out[i] for i in range(min(hp.inpaint_grid_images, len(held_out)))])
+            self.logger.experiment.add_image("samples/inpainting", self.inpainting_grid(images), self.global_step)
 
     # ------------------------------------------------------------------ likelihood
 
@@ -316,6 +328,16 @@ class KarrasVeModule(L.LightningModule):
         strip = torch.stack([torch.stack([f[j][r] for f in frames]) for r in range(rows) for j in (0, 1)])
         strip = make_grid(to_unit(strip.flatten(0, 1)), nrow=len(frames), padding=1)
         return grid, strip
+
+    @torch.no_grad()
+    def inpainting_grid(self, images: torch.Tensor) -> torch.Tensor:
+        """Per image: original | bottom half masked | ``INPAINT_COMPLETIONS`` completions (seeds grid_seed, ...);
+        [C, H, W] in [0, 1]."""
+        mask = parse_mask("bottom", self.hparams.image_size).to(self.device)
+        seeds = [self.hparams.grid_seed + k for k in range(INPAINT_COMPLETIONS)]
+        rows = images.to(self.device).repeat_interleave(len(seeds), 0)
+        x = complete(self.denoiser, rows, mask, seeds * len(images), self.sampler, RESAMPLE)
+        return inpainting_grid(images, mask.cpu(), x.unflatten(0, (len(images), len(seeds))).cpu())
 
     # ------------------------------------------------------------------ sampling
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence, get_args, get_type
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RESAMPLE = 2  # inpainting's default RePaint resampling, chosen by scripts/benchmark_inpainting.py (README)
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
 Schedule = Literal["ve", "edm"]
@@ -290,7 +291,7 @@ def inpaint_karras_ve(
     y: torch.Tensor,
     mask: torch.Tensor,
     *,
-    resample: int = 2,
+    resample: int = RESAMPLE,
     settings: SamplerSettings | None = None,
     generator: Generator = None,
     callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,

@@ -30,6 +30,9 @@ def inputs(tmp_path, trained_run):
     _, ckpt = trained_run
     (tmp_path / "truncated.ckpt").write_bytes(ckpt.read_bytes()[:2000])
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.ckpt")
+    (tmp_path / "big").mkdir()
+    Image.new("L", (16, 16)).save(tmp_path / "big" / "a.png")
+    Image.new("L", (16, 16)).save(tmp_path / "mask16.png")
     return lambda arg: arg.format(tmp=tmp_path, ckpt=ckpt)
 
 
@@ -147,3 +150,32 @@ def test_skip_bad_images_trains_without_them(inputs, tmp_path):
     assert "truncated.png" in message and "garbage.jpg" in message and "good0.png" not in message
     assert len(data.train_set) + len(data.val_set) == 4
 
+
+
+INPAINT_CASES = [
+    (["--mask", "diagonal"], ["'diagonal'", "bottom"]),
+    (["--mask", "random:2"], ["random:2", "[0, 1]"]),
+    (["--mask", "random:x"], ["random:x"]),
+    (["--mask", "{tmp}/mask16.png"], ["mask16.png", "16x16", "8x8"]),
+    (["--mask", "{tmp}/missing.png"], ["missing.png", "no such file"]),
+    (["--mask", "{tmp}/file"], ["file", "bottom"]),
+    (["--images", "{tmp}/big"], ["a.png", "16x16", "8x8"]),
+    (["--images", "{tmp}/missing"], ["missing", "does not exist"]),
+    (["--resample", "0"], ["--resample must be >= 1, got 0"]),
+    (["--n", "0"], ["--n must be >= 1, got 0"]),
+    (["--seeds", "5-2"], ["5-2"]),
+    (["--grid-images", "-1"], ["--grid-images", "-1"]),
+    (["--s-churn", "-1"], ["s_churn=-1"]),
+    (["--ckpt", "{tmp}/foreign.ckpt"], ["foreign.ckpt", "not a kve-lightning checkpoint"]),
+    (["--out", "{tmp}/file"], ["file", "not a directory"]),
+]
+
+
+@pytest.mark.parametrize("args, needles", INPAINT_CASES, ids=[" ".join(a) for a, _ in INPAINT_CASES])
+def test_inpaint_script(inputs, tmp_path, capsys, args, needles):
+    """kve-inpaint: exit 2, the value named, nothing written."""
+    from kve_lightning.commands import inpaint_main
+
+    source = [] if "--images" in args else ["--split", "val"]
+    argv = ["--ckpt", "{ckpt}", *source, "--n", "2", "--mask", "bottom", "--seeds", "0", "--out", "{tmp}/out", *args]
+    assert_refused(lambda: inpaint_main(list(map(inputs, argv))), tmp_path, capsys, needles)

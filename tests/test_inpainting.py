@@ -2,10 +2,14 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from kve_lightning import ImageDataModule
 from kve_lightning.exact import GaussianMixture
+from kve_lightning.images import to_unit
 from kve_lightning.sampling import inpaint_karras_ve, sample_karras_ve
 
 D = 4
@@ -107,3 +111,80 @@ def test_benchmark_script_runs_and_resampling_helps(monkeypatch):
     first = next(r for r in rows if r["resample"] == 1 and r["steps"] == 4)
     best = next(r for r in rows if r["resample"] == 4 and r["steps"] == 50)
     assert best["weight_error"] < first["weight_error"] and best["sliced_w2"] < first["sliced_w2"]
+
+
+# ---------------------------------------------------------------- kve-inpaint and the validation grid
+
+def inpaint(*argv):
+    from kve_lightning.commands import inpaint_main
+
+    inpaint_main([str(a) for a in argv])
+
+
+def pngs(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def test_kve_inpaint_keeps_the_known_pixels_and_resumes_to_the_same_bytes(trained_run, tmp_path, capsys):
+    """--split val, bottom half masked: each completion's top half is the original's 8-bit top half; a rerun after
+    losing one PNG and truncating another gives the uninterrupted run's bytes; other settings are refused."""
+    from kve_lightning.images import read_png, to_pil
+    from kve_lightning.inpainting import parse_mask
+
+    _, ckpt = trained_run
+    args = ["--ckpt", ckpt, "--split", "val", "--n", 3, "--mask", "bottom", "--seeds", "0-1", "--steps", 3]
+    inpaint(*args, "--out", tmp_path / "a")
+    first = pngs(tmp_path / "a")
+    assert sorted(first) == sorted([f"{i:05d}_{s:06d}.png" for i in range(3) for s in (0, 1)] + ["grid.png", "mask.png"])
+    data = ImageDataModule()
+    data.setup("fit")
+    known = parse_mask("bottom", 8)[0]
+    for i in range(3):
+        original = torch.from_numpy(np.array(to_pil(to_unit(data.val_set[i])), copy=True))[None]
+        completions = [read_png(tmp_path / "a" / f"{i:05d}_{s:06d}.png") for s in (0, 1)]
+        assert all(torch.equal(c[known], original[known]) for c in completions)
+        assert not torch.equal(completions[0], completions[1])
+    assert (read_png(tmp_path / "a" / "mask.png")[0] > 127).equal(~known[0])
+    # grid: 3 rows of original | masked | 2 completions, 8 x 8 images, 1-pixel padding
+    grid = Image.open(tmp_path / "a" / "grid.png")
+    assert grid.size == (4 * 9 + 1, 3 * 9 + 1)
+
+    (tmp_path / "a" / "00001_000000.png").unlink()
+    (tmp_path / "a" / "00002_000001.png").write_bytes(first["00002_000001.png"][:30])
+    inpaint(*args, "--out", tmp_path / "a")
+    assert pngs(tmp_path / "a") == first
+    assert "wrote 2 completions" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        inpaint(*args, "--out", tmp_path / "a", "--resample", 3)
+    assert exit_info.value.code == 2 and "resample" in capsys.readouterr().err
+    assert pngs(tmp_path / "a") == first
+
+
+def test_kve_inpaint_export_folder_and_mask_file_give_the_checkpoints_bytes(trained_run, tmp_path):
+    """--model (a kve-export folder) equals --ckpt; a mask PNG of the bottom half equals --mask bottom; --images
+    reads a folder of the model's size."""
+    from kve_lightning.commands import export_main
+
+    _, ckpt = trained_run
+    export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "export")])
+    (tmp_path / "images").mkdir()
+    for k in range(2):
+        Image.fromarray((np.arange(64).reshape(8, 8) * (2 + k)).astype(np.uint8)).save(tmp_path / "images" / f"{k}.png")
+    Image.fromarray(np.repeat([0, 255], 32).reshape(8, 8).astype(np.uint8)).save(tmp_path / "bottom.png")
+    common = ["--images", tmp_path / "images", "--seeds", "4", "--steps", 3]
+    inpaint("--ckpt", ckpt, "--mask", "bottom", *common, "--out", tmp_path / "ckpt")
+    inpaint("--model", tmp_path / "export", "--mask", tmp_path / "bottom.png", *common, "--out", tmp_path / "model")
+    a, b = pngs(tmp_path / "ckpt"), pngs(tmp_path / "model")
+    assert sorted(a) == ["00000_000004.png", "00001_000004.png", "grid.png", "mask.png"] and a == b
+
+
+def test_validation_logs_an_inpainting_grid(trained_run):
+    """The trained run's TensorBoard holds samples/inpainting: 8 held-out images x (original, masked, 4
+    completions)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = trained_run
+    events = sorted(root.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0}).Reload()
+    grid = acc.Images("samples/inpainting")[-1]
+    assert (grid.width, grid.height) == (6 * 9 + 1, 8 * 9 + 1)

@@ -1,0 +1,97 @@
+"""FID-digits of trained digits models versus NFE, several checkpoints and sampler settings in one table.
+
+    python scripts/benchmark_quality.py --row "today=runs/old/checkpoints/last.ckpt" \
+        --row "tuned=runs/digits/checkpoints/last.ckpt,s_churn=20,s_max=10" --nfe 7,15,35,79 --n 1000
+
+Each ``--row LABEL=CKPT[,FIELD=VALUE...]`` is a checkpoint with ``SamplerSettings`` overrides (its own settings
+otherwise); every row is sampled with D clipped and, with ``--clip both`` (default), unclipped too, at each NFE
+(Heun: N = (NFE + 1) / 2 steps), from the same seeds 0 .. n-1 (common random numbers across rows). The reference is
+a fixed random 797 of the 1,797 digits and the floor is the other 1,000 digits against it: the same sample counts as
+a row's cell (FID's small-sample bias is then the same for both, and the floor is what a perfect model would score).
+Writes a markdown table (``--out-md``, and the rows as JSON beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kve_lightning.data import digits_images
+from kve_lightning.metrics import build_fid
+from kve_lightning.module import KarrasVeModule
+from kve_lightning.sampling import SamplerSettings
+
+
+def parse_row(spec: str) -> tuple[str, str, dict]:
+    """``LABEL=CKPT[,FIELD=VALUE...]`` -> (label, checkpoint, settings overrides typed by ``SamplerSettings``)."""
+    label, _, rest = spec.partition("=")
+    ckpt, *pairs = rest.split(",")
+    defaults = SamplerSettings().to_dict()
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in defaults:
+            raise SystemExit(f"--row {spec!r}: {key!r} is not a SamplerSettings field")
+        kind = type(defaults[key])
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return label, ckpt, overrides
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--row", action="append", required=True, help="LABEL=CKPT[,FIELD=VALUE...] (repeatable)")
+    p.add_argument("--nfe", default="7,15,35,79", help="network evaluations per image (odd: Heun)")
+    p.add_argument("--n", type=int, default=1000, help="samples per cell (at most 1,000: the floor's count)")
+    p.add_argument("--clip", choices=("both", "on", "off"), default="both", help="D clipped to [-1, 1], or not")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--out-md", default=None, help="write the table here (and the rows as .json beside it)")
+    args = p.parse_args(argv)
+    nfes = [int(v) for v in args.nfe.split(",")]
+    rows = [parse_row(spec) for spec in args.row]
+    digits = digits_images(8, 1)
+    order = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
+    floor_set, reference = digits[order[:1000]], digits[order[1000:]]
+    fid = build_fid(reference)
+    fid.update(floor_set[:args.n], real=False)
+    floor = fid.compute().item()
+    clips = {"both": (True, False), "on": (True,), "off": (False,)}[args.clip]
+    seeds = list(range(args.n))
+    results = []
+    with tqdm(total=len(rows) * len(clips) * len(nfes) * args.n, unit="img", desc="sampling") as bar:
+        for label, ckpt, overrides in rows:
+            module = KarrasVeModule.from_checkpoint(ckpt)
+            for clip in clips:
+                cell = dict(label=label, ckpt=ckpt, clamp_denoised=clip, **overrides)
+                for nfe in nfes:
+                    fid.reset()
+                    for k in range(0, len(seeds), args.batch_size):
+                        x = module.sample(seeds[k:k + args.batch_size], num_steps=(nfe + 1) // 2,
+                                          clamp_denoised=clip, **overrides)
+                        fid.update(x.clamp(-1, 1), real=False)
+                        bar.update(len(seeds[k:k + args.batch_size]))
+                    cell[str(nfe)] = fid.compute().item()
+                results.append(cell)
+                print(cell, file=sys.stderr)
+    lines = [f"FID-digits of {args.n} samples vs a fixed 797 digits; real-vs-real floor (1,000 other digits vs the "
+             f"same 797): {floor:.2f}. Produced by `python scripts/benchmark_quality.py "
+             f"{' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
+             "| model and settings | D clipped | " + " | ".join(f"{n} NFE" for n in nfes) + " |",
+             "|---|---|" + "---|" * len(nfes)]
+    lines += [f"| {c['label']} | {'yes' if c['clamp_denoised'] else 'no'} | "
+              + " | ".join(f"{c[str(n)]:.2f}" for n in nfes) + " |" for c in results]
+    lines += [f"| real digits (floor) | - | " + " | ".join(f"{floor:.2f}" for _ in nfes) + " |"]
+    table = "\n".join(lines)
+    print(table)
+    if args.out_md:
+        Path(args.out_md).write_text(table + "\n")
+        Path(args.out_md).with_suffix(".json").write_text(json.dumps(dict(floor=floor, rows=results), indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,9 @@
 """The console scripts ``kve-sample``, ``kve-export``, ``kve-likelihood`` and ``kve-inpaint`` (``kve`` itself is
 ``cli.py``).
 
-The sampling ones take the sampler's flags, generated from ``SamplerSettings``' fields, types and ``Args:`` docs; a flag left
-out keeps the model's setting. Bad input ends in one line on stderr and exit code 2, with nothing written.
+The sampling ones take the sampler's flags, generated from ``SamplerSettings``' fields, types and ``Args:`` docs, and
+``--config YAML`` (settings under ``model:``, as kve-tune writes), which the flags override; a setting left out
+keeps the model's. Bad input ends in one line on stderr and exit code 2, with nothing written.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
 import docstring_parser
 import torch
+import yaml
 from PIL import Image
 from tqdm import tqdm
 
@@ -37,9 +39,12 @@ SHORT_FLAGS = {"num_steps": "--steps"}  # an extra, shorter spelling
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``SamplerSettings`` field (``--s-churn`` for ``s_churn``), its help from the field's ``Args:``
-    entry; choices for ``Literal`` fields, ``--x/--no-x`` for booleans; all default to ``None`` (the model's)."""
+    """``--config YAML`` and one flag per ``SamplerSettings`` field (``--s-churn`` for ``s_churn``), its help from the
+    field's ``Args:`` entry; choices for ``Literal`` fields, ``--x/--no-x`` for booleans; all default to ``None``
+    (the model's)."""
     group = parser.add_argument_group("sampler settings (default: the model's own)")
+    group.add_argument("--config", metavar="YAML", help="sampler settings from the `model:` mapping of a YAML file, "
+                                                        "such as kve-tune writes; the flags below override it")
     docs = {p.arg_name: " ".join(p.description.split()) for p in docstring_parser.parse(SamplerSettings.__doc__).params}
     hints = get_type_hints(SamplerSettings)
     for f in fields(SamplerSettings):
@@ -53,9 +58,27 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, dest=f.name, type=hint, metavar=f.name.upper(), help=docs[f.name])
 
 
+def sampler_config(path: str | Path) -> dict[str, Any]:
+    """The settings of a sampler config: a YAML file holding one mapping ``model:`` of ``SamplerSettings`` fields
+    (``kve predict --config`` reads the same file); a ``ValueError`` naming anything else in it."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(config, dict) or list(config) != ["model"] or not isinstance(config["model"], dict):
+        raise ValueError(f"--config {str(path)!r} must hold one mapping `model:` of sampler settings, got "
+                         f"{list(config) if isinstance(config, dict) else type(config).__name__}")
+    names = [f.name for f in fields(SamplerSettings)]
+    unknown = [k for k in config["model"] if k not in names]
+    if unknown:
+        raise ValueError(f"--config {str(path)!r}: {unknown} are not sampler settings; expected some of {names}")
+    return config["model"]
+
+
 def sampler_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampler flags that were given."""
-    return {f.name: getattr(args, f.name) for f in fields(SamplerSettings) if getattr(args, f.name) is not None}
+    """The sampler settings given: those of ``--config``, overridden by the flags."""
+    flags = {f.name: getattr(args, f.name) for f in fields(SamplerSettings) if getattr(args, f.name) is not None}
+    return (sampler_config(args.config) if args.config else {}) | flags
 
 
 def model_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -98,29 +121,26 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-def load_sampler(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Sampler, dict[str, Any]]:
-    """``seeds -> images`` [B, C, H, W] in [0, 1] from --ckpt or --model (the same images) with the sampler
-    ``overrides``, and the manifest of those images (a ``ValueError`` for invalid settings)."""
+def load_model(args: argparse.Namespace) -> tuple[Callable[..., torch.Tensor], SamplerSettings, VEDenoiser]:
+    """From --ckpt or --model on --device: ``sample(seeds, **overrides)`` -> images [B, C, H, W] in [0, 1] (the
+    same from either; ``overrides``: ``SamplerSettings`` fields), the stored sampler settings, and the denoiser
+    (frozen, EMA weights)."""
     device = parse_device(args.device)
     if args.ckpt is not None:
         module = KarrasVeModule.from_checkpoint(args.ckpt).to(device)
-        settings = module.sampler.replace(**overrides)
-        return lambda seeds: to_unit(module.sample(seeds, **overrides)), sample_manifest(module.denoiser.unet, settings)
-    pipe = load_pipeline(args.model, device)
-    settings = pipe.scheduler.settings.replace(**overrides)
-    return lambda seeds: pipe(seeds=seeds, output_type="pt", **overrides).images, sample_manifest(pipe.unet, settings)
-
-
-def load_denoiser(args: argparse.Namespace, device: torch.device) -> tuple[VEDenoiser, SamplerSettings]:
-    """The denoiser (frozen, EMA weights) of --ckpt or --model, and its stored sampler settings."""
-    if args.ckpt is not None:
-        module = KarrasVeModule.from_checkpoint(args.ckpt).to(device)
-        denoiser, settings = module.denoiser, module.sampler
+        sample, settings, denoiser = lambda seeds, **o: to_unit(module.sample(seeds, **o)), module.sampler, module.denoiser
     else:
         pipe = load_pipeline(args.model, device)
-        denoiser, settings = VEDenoiser(pipe.unet), pipe.scheduler.settings
-    denoiser.requires_grad_(False)
-    return denoiser, settings
+        sample = lambda seeds, **o: pipe(seeds=seeds, output_type="pt", **o).images  # noqa: E731
+        settings, denoiser = pipe.scheduler.settings, VEDenoiser(pipe.unet)
+    return sample, settings, denoiser.requires_grad_(False)
+
+
+def load_sampler(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Sampler, dict[str, Any]]:
+    """``seeds -> images`` [B, C, H, W] in [0, 1] from --ckpt or --model (``load_model``) with the sampler
+    ``overrides``, and the manifest of those images (a ``ValueError`` for invalid settings)."""
+    sample, settings, denoiser = load_model(args)
+    return lambda seeds: sample(seeds, **overrides), sample_manifest(denoiser.unet, settings.replace(**overrides))
 
 
 SAMPLE_DOC = """Checkpoint or exported folder -> PNGs: the EMA weights, the stochastic Karras VE sampler.
@@ -130,7 +150,8 @@ SAMPLE_DOC = """Checkpoint or exported folder -> PNGs: the EMA weights, the stoc
 
 Writes {seed:06d}.png per seed (and grid.png with --grid), the same bytes as `kve predict` for the same seeds and
 sampler settings, from a checkpoint (--ckpt, a pickle read weights-only: trust only your own) or from a folder
-written by kve-export (--model: safetensors and JSON, no pickle). Sampler flags override the stored settings.
+written by kve-export (--model: safetensors and JSON, no pickle). Sampler flags override the stored settings,
+and so does --config YAML (`model:` with sampler settings, as kve-tune writes), the flags overriding it.
 
 Each PNG is written atomically, and the folder's manifest.json records the weights' SHA-256, the image size and the
 sampler settings (the same manifest as `kve predict`'s). Rerun an interrupted command and it samples only the seeds
@@ -181,8 +202,9 @@ EXPORT_DOC = """Checkpoint -> diffusers folder: EMA weights as safetensors, samp
     kve-export --ckpt runs/digits/checkpoints/last.ckpt --out exported/digits [--steps 18 --s-churn 0]
 
 Load the folder with `KarrasVeLightningPipeline.from_pretrained(DIR)` or sample it with `kve-sample --model DIR`;
-its `unet/` also loads into diffusers' own `KarrasVePipeline` (3-channel models). Sampler flags replace the
-checkpoint's settings in the exported scheduler config. Refuses an existing non-empty --out unless --overwrite.
+its `unet/` also loads into diffusers' own `KarrasVePipeline` (3-channel models). Sampler flags (and --config
+YAML, as kve-tune writes) replace the checkpoint's settings in the exported scheduler config. Refuses an existing
+non-empty --out unless --overwrite.
 """
 
 
@@ -238,7 +260,7 @@ def likelihood_main(argv: list[str] | None = None) -> None:
         if not out.parent.is_dir():
             raise FileNotFoundError(f"the folder of --out {str(out)!r} does not exist")
         device = parse_device(args.device)
-        denoiser, settings = load_denoiser(args, device)
+        _, settings, denoiser = load_model(args)
         unet = denoiser.unet
         data = ImageDataModule(dataset=args.dataset, root=args.root, image_size=int(unet.config.sample_size),
                                channels=int(unet.config.in_channels))
@@ -316,7 +338,7 @@ def inpaint_main(argv: list[str] | None = None) -> None:
         if args.grid_images < 0:
             raise ValueError(f"--grid-images must be >= 0, got {args.grid_images}")
         device = parse_device(args.device)
-        denoiser, settings = load_denoiser(args, device)
+        _, settings, denoiser = load_model(args)
         settings = settings.replace(**sampler_overrides(args))
         size, channels = int(denoiser.unet.config.sample_size), int(denoiser.unet.config.in_channels)
         mask = parse_mask(args.mask, size).to(device)

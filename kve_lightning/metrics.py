@@ -161,6 +161,38 @@ def fid_from_images(real: torch.Tensor, fake: torch.Tensor, features: str = "dig
     return fid.compute().item()
 
 
+def feature_moments(features: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [d] and unbiased covariance [d, d] of ``features`` [n, d] in float64, as ``FrechetInceptionDistance``
+    accumulates them; with ``counts`` [B, n] (how often each row is drawn in each of B resamples of n rows), those of
+    every resample: [B, d] and [B, d, d]."""
+    f = features.double()
+    n = f.shape[0]
+    if counts is None:
+        mu = f.mean(0)
+        return mu, (f.T @ f - n * torch.outer(mu, mu)) / (n - 1)
+    w = counts.double()
+    mu = w @ f / n
+    second = torch.einsum("bn,nd,ne->bde", w, f, f)
+    return mu, (second - n * mu[:, :, None] * mu[:, None, :]) / (n - 1)
+
+
+def matrix_sqrt(cov: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a covariance matrix (its negative rounding-error eigenvalues set to 0)."""
+    values, vectors = torch.linalg.eigh(cov)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(mu1: torch.Tensor, sqrt_cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> torch.Tensor:
+    """FID of N(mu1, cov1), N(mu2, cov2) (Heusel et al. 2017): ||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)).
+
+    Takes ``sqrt_cov1`` = cov1^(1/2) (``matrix_sqrt``, computed once for fixed real statistics): cov1 cov2 is similar
+    to the symmetric cov1^(1/2) cov2 cov1^(1/2), so tr (cov1 cov2)^(1/2) is the sum of the square roots of that one's
+    eigenvalues. ``mu2``/``cov2`` may have a leading batch dimension (bootstrap resamples)."""
+    trace_sqrt = torch.linalg.eigvalsh(sqrt_cov1 @ cov2 @ sqrt_cov1).clamp(min=0).sqrt().sum(-1)
+    trace1, trace2 = sqrt_cov1.square().sum(), cov2.diagonal(dim1=-2, dim2=-1).sum(-1)  # tr cov1 = ||cov1^(1/2)||_F^2
+    return (mu1 - mu2).square().sum(-1) + trace1 + trace2 - 2 * trace_sqrt
+
+
 def digits_fid_floor(seed: int = 0) -> float:
     """FID-digits between two disjoint random halves of the digits data set: the real-vs-real floor at n ~ 900."""
     x, _ = digits_with_labels()

@@ -1,0 +1,246 @@
+"""kve-tune: the Fréchet distance from stored features, the compass search on a metric with a known optimum, common
+random numbers, the paired bootstrap, the budget, the YAML it writes (read by kve predict, kve-sample, kve-export)
+and `--config` of kve-sample / kve-export; bad input."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, TINY_MODEL_ARGS, export_script, sample_script
+from kve_lightning.cli import cli_main
+from kve_lightning.data import digits_images
+from kve_lightning.metrics import digits_feature_net, feature_moments, fid_from_images, frechet_distance, matrix_sqrt
+from kve_lightning.module import KarrasVeModule
+from kve_lightning.sampling import SamplerSettings
+from kve_lightning.tune import GAMMA_MAX, SEARCHED, Scorer, main as tune_main, paired_intervals, tune
+from test_bad_input import assert_refused
+
+CHURN = {"s_churn": 2.5, "s_min": 0.1, "s_max": 7.0, "s_noise": 1.02}
+
+
+def test_frechet_distance_matches_torchmetrics():
+    """FID from stored features equals torchmetrics' FrechetInceptionDistance on the images; tolerance 1e-6
+    relative: torchmetrics returns float32 (eps 6e-8) and square roots of near-zero eigenvalues of the singular
+    64-d covariances differ by ~1e-8 between its eigvals(cov1 cov2) and our eigvalsh(cov1^1/2 cov2 cov1^1/2)."""
+    real = digits_images(8, 1)
+    fake = (real[:400] + 0.3 * torch.randn(400, 1, 8, 8, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    net = digits_feature_net()
+    with torch.no_grad():
+        mu_r, cov_r = feature_moments(net(real))
+        fake_features = net(fake)
+    ours = frechet_distance(mu_r, matrix_sqrt(cov_r), *feature_moments(fake_features)).item()
+    assert ours == pytest.approx(fid_from_images(real, fake), rel=1e-6)
+    # resampling weights give the moments of the resampled rows themselves
+    index = torch.randint(400, (3, 400), generator=torch.Generator().manual_seed(1))
+    counts = torch.zeros(3, 400).scatter_add_(1, index, torch.ones(3, 400))
+    mu_b, cov_b = feature_moments(fake_features, counts)
+    for b in range(3):
+        mu, cov = feature_moments(fake_features[index[b]])
+        torch.testing.assert_close(mu_b[b], mu)
+        torch.testing.assert_close(cov_b[b], cov)
+
+
+def scorer_and_noise(n=200, d=4, resamples=50):
+    """Features Z of n seeds (fixed: the common random numbers) and a Scorer whose real statistics are Z's own."""
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return Scorer.from_real(z, n, resamples, seed=0), z
+
+
+def test_finds_a_known_optimum():
+    """A fake metric: features Z + v(settings), real statistics those of Z, so FID = |v|^2 exactly (a shift leaves
+    the covariance alone), with its minimum 0 at S_tmax = 5, S_tmin = 0.2, S_churn = 0.3 N (sqrt(2) - 1),
+    S_noise = 1. The search ends within half its finest step of each: factor 10^(1/4) for S_tmin/S_tmax, N (sqrt(2)
+    - 1) / 8 for S_churn, 0.005 for S_noise (steps 10, N (sqrt(2) - 1) / 2, 0.02 halved twice)."""
+    scorer, z = scorer_and_noise()
+    baseline = SamplerSettings(num_steps=100)  # sigma ratio 1.09 per step: every move changes the churned steps
+    cap = 100 * GAMMA_MAX
+
+    def v(s: SamplerSettings) -> torch.Tensor:
+        return torch.tensor([math.log10(s.s_max / 5), math.log10(s.s_min / 0.2), min(s.s_churn, cap) / cap - 0.3,
+                             (s.s_noise - 1) / 0.02], dtype=torch.float64)
+
+    arms = tune(lambda s: z + v(s), scorer, baseline, SEARCHED, budget_s=1e9)
+    best = min(arms, key=lambda a: a.fid)
+    s = best.settings
+    assert abs(math.log10(s.s_max / 5)) <= 0.125 + 1e-3 and abs(math.log10(s.s_min / 0.2)) <= 0.125 + 1e-3
+    assert abs(s.s_churn - 0.3 * cap) <= cap / 16 + 1e-3 and abs(s.s_noise - 1) <= 0.0025 + 1e-9
+    assert best.fid == pytest.approx(v(s).square().sum().item(), abs=1e-9)
+    assert arms[0].settings == baseline and best.fid < arms[0].fid / 50
+
+
+def test_identical_arms_have_a_zero_interval():
+    """Paired: the same resampled seeds for both arms, so an arm that samples what the baseline samples differs by
+    exactly 0 in every resample."""
+    scorer, z = scorer_and_noise()
+    arms = tune(lambda s: z + 0.1, scorer, SamplerSettings(num_steps=18), SEARCHED, budget_s=1e9)
+    paired_intervals(arms)
+    assert len(arms) > 5
+    assert all(a.diff == 0 and a.interval == (0.0, 0.0) for a in arms)
+    assert arms[0].resampled.std() > 0  # the resamples do differ from each other
+
+
+def test_budget_and_interrupt():
+    """No arm starts once elapsed + mean arm time would pass the budget; Ctrl-C ends the search with its arms."""
+    scorer, z = scorer_and_noise()
+    now = [0.0]
+
+    def evaluate(s):
+        now[0] += 60
+        return z + s.s_max
+
+    arms = tune(evaluate, scorer, SamplerSettings(num_steps=18), SEARCHED, budget_s=300, clock=lambda: now[0])
+    assert len(arms) == 5 and now[0] == 300
+    calls = []
+
+    def interrupted(s):
+        calls.append(s)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return z + s.s_max
+
+    arms = tune(interrupted, scorer, SamplerSettings(num_steps=18), SEARCHED, budget_s=1e9)
+    assert len(arms) == 2
+
+
+@pytest.fixture
+def spied_sampler(monkeypatch):
+    """Every ``KarrasVeModule.sample`` call's seeds and settings."""
+    calls = []
+    original = KarrasVeModule.sample
+
+    def sample(self, seeds, callback=None, **overrides):
+        calls.append(([int(s) for s in seeds], overrides))
+        return original(self, seeds, callback=callback, **overrides)
+
+    monkeypatch.setattr(KarrasVeModule, "sample", sample)
+    return calls
+
+
+def run_tune(ckpt, out, *args):
+    tune_main(["--ckpt", str(ckpt), "--out", str(out), "--nfe", "5", "--n", "6", "--batch-size", "4",
+               "--bootstrap", "20", "--device", "cpu", *args])
+    return yaml.safe_load(out.read_text())["model"]
+
+
+def test_every_arm_samples_the_same_seeds(trained_run, tmp_path, spied_sampler, capsys):
+    _, ckpt = trained_run
+    best = run_tune(ckpt, tmp_path / "best.yaml", "--seed", "10", "--budget", "1", "--micro-batch", "0")
+    arms = [spied_sampler[k:k + 2] for k in range(0, len(spied_sampler), 2)]
+    assert len(arms) >= 3 and len(spied_sampler) % 2 == 0
+    for (first, settings), (second, same) in arms:
+        assert (first, second) == ([10, 11, 12, 13], [14, 15]) and settings == same
+        assert settings["num_steps"] == 3 and settings["micro_batch"] == 0  # NFE 5 = 2N - 1; a fixed setting
+    tried = [{k: s[k] for k in SEARCHED} for (_, s), _ in arms]
+    assert tried[0] == {k: getattr(SamplerSettings(), k) for k in SEARCHED}  # Table 5 first
+    assert {k: best[k] for k in SEARCHED} in tried and best["micro_batch"] == 0
+    out = capsys.readouterr().out
+    assert "| 0 (Table 5) |" in out and "**best**" in out and (tmp_path / "best.png").stat().st_size > 0
+    header = (tmp_path / "best.yaml").read_text().splitlines()[:3]
+    assert all(line.startswith("# ") for line in header) and "fid-digits, 6 samples per arm" in header[1]
+
+
+def test_tiny_budget_writes_table5(trained_run, tmp_path, spied_sampler):
+    _, ckpt = trained_run
+    best = run_tune(ckpt, tmp_path / "best.yaml", "--budget", "1e-4")
+    assert len(spied_sampler) == 2  # the baseline's two batches only
+    assert best == {"num_steps": 3} | {k: getattr(SamplerSettings(), k) for k in SEARCHED}
+
+
+def manifest_sampler(folder):
+    return json.loads((folder / "manifest.json").read_text())["sampler"]
+
+
+def test_written_yaml_sets_predict_sample_and_export(trained_run, tmp_path, monkeypatch):
+    """The YAML kve-tune writes is a config for `kve predict --config`, `kve-sample --config` and `kve-export
+    --config`; their settings become its values (N = 3 from --nfe 5; the checkpoint has 4); flags override it."""
+    _, ckpt = trained_run
+    best = run_tune(ckpt, tmp_path / "best.yaml", "--budget", "0.02")
+    config = str(tmp_path / "best.yaml")
+    assert KarrasVeModule.from_checkpoint(ckpt).sampler.num_steps == 4 and best["num_steps"] == 3
+    monkeypatch.chdir(tmp_path)
+    cli_main(["predict", f"--ckpt_path={ckpt}", f"--config={config}", "--data.predict_seeds=0-1",
+              f"--writer.output_dir={tmp_path / 'predict'}", "--trainer.logger=false",
+              "--trainer.enable_progress_bar=false"])
+    sample_script(["--ckpt", str(ckpt), "--config", config, "--out", str(tmp_path / "sample"), "--seeds", "0-1"])
+    for folder in ("predict", "sample"):
+        assert {k: manifest_sampler(tmp_path / folder)[k] for k in best} == best
+    assert (tmp_path / "predict" / "000001.png").read_bytes() == (tmp_path / "sample" / "000001.png").read_bytes()
+    export_script(["--ckpt", str(ckpt), "--config", config, "--out", str(tmp_path / "export")])
+    scheduler = json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())
+    assert {k: scheduler[k] for k in best} == best
+    # a flag beats the file, on a hand-written config of other settings too
+    (tmp_path / "churn.yaml").write_text(yaml.safe_dump({"model": CHURN}))
+    sample_script(["--ckpt", str(ckpt), "--config", str(tmp_path / "churn.yaml"), "--s-noise", "1.05",
+                   "--out", str(tmp_path / "flag"), "--seeds", "0"])
+    assert {k: manifest_sampler(tmp_path / "flag")[k] for k in CHURN} == CHURN | {"s_noise": 1.05}
+
+
+@pytest.fixture
+def bad(tmp_path, trained_run):
+    """Bad config files under tmp_path; returns ``fill(arg)`` for {tmp} and {ckpt}."""
+    files = {"toplevel.yaml": "model:\n  s_churn: 1\ntrainer:\n  max_epochs: 1\n",
+             "typo.yaml": "model:\n  s_chrun: 1\n", "lr.yaml": "model:\n  lr: 0.1\n", "list.yaml": "- 1\n",
+             "broken.yaml": "model: [1,\n", "value.yaml": "model:\n  s_churn: lots\n",
+             "steps.yaml": "model:\n  num_steps: 4\n", "all.yaml": yaml.safe_dump({"model": CHURN})}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "folder").mkdir()
+    _, ckpt = trained_run
+    return lambda arg: arg.format(tmp=tmp_path, ckpt=ckpt)
+
+
+CONFIG_CASES = [
+    ("toplevel.yaml", ["toplevel.yaml", "one mapping `model:`", "'trainer'"]),
+    ("typo.yaml", ["['s_chrun'] are not sampler settings"]),
+    ("lr.yaml", ["['lr'] are not sampler settings"]),
+    ("list.yaml", ["list.yaml", "one mapping `model:`"]),
+    ("broken.yaml", ["broken.yaml", "not valid YAML"]),
+    ("value.yaml", ["s_churn='lots'"]),
+    ("missing.yaml", ["missing.yaml", "No such file"]),
+]
+
+
+@pytest.mark.parametrize("name, needles", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_sample_and_export(bad, tmp_path, capsys, name, needles):
+    config = f"{tmp_path}/{name}"
+    assert_refused(lambda: sample_script(["--ckpt", bad("{ckpt}"), "--config", config, "--out", f"{tmp_path}/out"]),
+                   tmp_path, capsys, needles)
+    assert_refused(lambda: export_script(["--ckpt", bad("{ckpt}"), "--config", config, "--out", f"{tmp_path}/ex"]),
+                   tmp_path, capsys, needles)
+
+
+TUNE_CASES = [
+    (["--nfe", "34"], ["--nfe 34", "heun", "2N - 1"]),
+    (["--nfe", "1"], ["--nfe 1"]),
+    (["--n", "1"], ["--n must be >= 2, got 1"]),
+    (["--budget", "0"], ["--budget", "got 0.0"]),
+    (["--budget", "nan"], ["--budget", "nan"]),
+    (["--bootstrap", "0"], ["--bootstrap must be >= 1"]),
+    (["--confidence", "1"], ["--confidence"]),
+    (["--seed", "-1"], ["--seed -1"]),
+    (["--out", "{tmp}/folder"], ["folder", "is a directory"]),
+    (["--out", "{tmp}/nowhere/best.yaml"], ["nowhere", "does not exist"]),
+    (["--plot", "{tmp}/folder"], ["--plot", "is a directory"]),
+    (["--steps", "4"], ["num_steps=4", "--nfe"]),
+    (["--config", "{tmp}/steps.yaml"], ["num_steps=4", "--nfe"]),
+    (["--config", "{tmp}/all.yaml"], ["nothing to search"]),
+    (["--config", "{tmp}/lr.yaml"], ["['lr'] are not sampler settings"]),
+    (["--s-min", "5", "--s-max", "1"], ["s_min must be <= s_max"]),
+    (["--ckpt", "{tmp}/missing.ckpt"], ["missing.ckpt", "does not exist"]),
+    (["--model", "{tmp}/folder"], ["folder", "not an exported"]),
+    (["--dataset", "cifar10", "--root", "{tmp}/folder"], ["cifar10 not found"]),
+    (["--metric", "fid-inception"], ["inception"]),
+]
+
+
+@pytest.mark.parametrize("args, needles", TUNE_CASES, ids=[" ".join(a) for a, _ in TUNE_CASES])
+def test_bad_tune_input(bad, tmp_path, capsys, args, needles):
+    if "fid-inception" in args and importlib.util.find_spec("torch_fidelity"):
+        pytest.skip("torch-fidelity is installed: its weights may be cached here")
+    argv = ([] if args[0] in ("--ckpt", "--model") else ["--ckpt", "{ckpt}"]) + args + ["--device", "cpu"]
+    argv += ([] if "--out" in args else ["--out", "{tmp}/best.yaml"]) + ([] if "--n" in args else ["--n", "4"])
+    assert_refused(lambda: tune_main(list(map(bad, argv))), tmp_path, capsys, needles)

@@ -32,7 +32,8 @@ def sleeper(tmp_path: Path, deaf: bool) -> list[str]:
     (ignored signals stay ignored in the child)."""
     child = f"import time; time.sleep(2); open({str(tmp_path / 'alive')!r}, 'w')"
     return python(("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); " if deaf else "")
-                  + f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(30)")
+                  + f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); "
+                  + "time.sleep(30)")
 
 
 @pytest.mark.parametrize("deaf", [False, True])
@@ -67,7 +68,8 @@ def test_bad_out_and_no_cuda_exit_2_writing_nothing(gpu_check, tmp_path, capsys)
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as err:
         gpu_check.main([str(tmp_path / "file")])
-    assert err.value.code == 2 and "'" + str(tmp_path / "file") + "' exists and is not a folder" in capsys.readouterr().err
+    assert err.value.code == 2
+    assert f"{str(tmp_path / 'file')!r} exists and is not a folder" in capsys.readouterr().err
     if torch.cuda.is_available():
         return
     with pytest.raises(SystemExit) as err:

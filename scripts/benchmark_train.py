@@ -8,7 +8,9 @@ precision / memory-format / compile options.
 Both sides: the digits config's UNet, batch and data, the same DSM loss, AdamW with the warm-up schedule and the
 EMA update after every step. Lightning also logs train/loss to TensorBoard, as `kve fit` does. Each measurement
 runs in its own process (peak RSS is per process); modes alternate to spread machine noise. Prints a markdown
-table with img/s, the ratio Lightning / plain, and peak memory.
+table with img/s, the ratio Lightning / plain, and peak memory; ``--json PATH`` also writes the measurements and the
+table there, rewritten after every run (a killed benchmark keeps what it measured). A run that fails is recorded and
+the others still run; the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from kve_lightning.images import save_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,6 +117,21 @@ def child(args) -> None:
     print(json.dumps({"mode": args.mode, "img_per_s": img_s, "peak_rss_mb": peak_mb}))
 
 
+def table(summary: dict) -> str:
+    """The markdown table of a summary: each run's best img/s, its ratio to the first run's, its peak memory."""
+    runs, base = summary["runs"], next(iter(summary["runs"]))
+    best = {m: max(x["img_per_s"] for x in v) for m, v in runs.items() if v}
+    lines = [f"| run | img/s (best of {summary['repeats']}) | ratio to {base} | {summary['memory']} |",
+             "|---|---|---|---|"]
+    for m, v in runs.items():
+        if not v:
+            lines.append(f"| {m} | {'failed' if m in summary['failed'] else 'not run'} | | |")
+            continue
+        ratio = f"{best[m] / best[base]:.3f}" if base in best else "n/a"
+        lines.append(f"| {m} | {best[m]:.1f} | {ratio} | {max(x['peak_rss_mb'] for x in v):.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "digits.yaml"))
@@ -122,6 +141,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, help="overrides the config's data.batch_size")
     p.add_argument("--variants", help="compare Lightning runs with these options instead of Lightning vs plain: "
                                       f"a comma list of {', '.join(VARIANTS)} (the first is the baseline)")
+    p.add_argument("--json", type=Path, help="also write the measurements and the table to this JSON file")
     p.add_argument("--mode", choices=["plain", "lightning"], help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fp32", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -129,24 +149,34 @@ def main() -> None:
         return child(args)
     runs = [(v, "lightning", v) for v in args.variants.split(",")] if args.variants else [
         ("plain", "plain", "fp32"), ("lightning", "lightning", "fp32")]
-    results = {name: [] for name, _, _ in runs}
+    cuda = torch.cuda.is_available()
+    summary = {
+        "config": args.config, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "batch_size": args.batch_size or yaml.safe_load(Path(args.config).read_text())["data"]["batch_size"],
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "memory": "peak GPU memory (MB)" if cuda else "peak RSS (MB)",
+        "runs": {name: [] for name, _, _ in runs}, "failed": {},
+    }
     for r in range(args.repeats):
         for name, mode, variant in runs:
+            if name in summary["failed"]:
+                continue
             cmd = [sys.executable, __file__, "--mode", mode, "--variant", variant, "--config", args.config,
                    "--steps", str(args.steps), "--warmup", str(args.warmup)]
             cmd += ["--batch-size", str(args.batch_size)] if args.batch_size else []
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            results[name].append(json.loads(out))
-            print(f"repeat {r} {name}: {results[name][-1]['img_per_s']:.1f} img/s", file=sys.stderr)
-    best = {m: max(x["img_per_s"] for x in v) for m, v in results.items()}
-    peak = {m: max(x["peak_rss_mb"] for x in v) for m, v in results.items()}
-    base = runs[0][0]
-    memory = "peak GPU memory (MB)" if torch.cuda.is_available() else "peak RSS (MB)"
-    print(f"| run | img/s (best of {args.repeats}) | ratio to {base} | {memory} |")
-    print("|---|---|---|---|")
-    for m in results:
-        print(f"| {m} | {best[m]:.1f} | {best[m] / best[base]:.3f} | {peak[m]:.0f} |")
-
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                summary["failed"][name] = {"returncode": proc.returncode, "stderr_tail": proc.stderr[-4000:]}
+                print(f"repeat {r} {name}: failed ({proc.returncode})\n{proc.stderr[-4000:]}", file=sys.stderr)
+            else:
+                summary["runs"][name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(f"repeat {r} {name}: {summary['runs'][name][-1]['img_per_s']:.1f} img/s", file=sys.stderr)
+            if args.json:
+                summary["table"] = table(summary)
+                save_atomic(args.json, lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    print(table(summary))
+    if summary["failed"]:
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,9 @@ Two rules on top of LightningCLI's:
 - **With ``--ckpt_path``, the checkpoint's hyper-parameters are the defaults**, and what the config files and flags
   give overrides them: ``--model.num_steps 18`` samples with 18 steps. Architecture settings (UNet, image size,
   channels) that contradict the checkpoint are an error naming them.
+- **``sigma_max: auto``** (``--model.sigma_max auto``) becomes a number before the model is built: the training
+  split's largest pairwise distance (Song & Ermon 2020, technique 1), or with ``--ckpt_path`` the checkpoint's own.
+  Hyper-parameters, checkpoints, the saved config and exports hold that number.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from kve_lightning.checkpoint import read_checkpoint
-from kve_lightning.data import ImageDataModule
+from kve_lightning.data import MAX_DISTANCE_IMAGES, ImageDataModule
 from kve_lightning.images import PNGWriter
 from kve_lightning.module import KarrasVeModule, unet_config
 
@@ -37,24 +41,27 @@ class KveCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         """Parse; with ``--ckpt_path``, read the checkpoint (weights-only, ``read_checkpoint``), make its
-        hyper-parameters the parser's defaults and parse again, so the config and flags override them."""
+        hyper-parameters the parser's defaults and parse again, so the config and flags override them. Then
+        ``sigma_max: auto`` becomes a number (``resolve_sigma_max``)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         place_run(config)
-        if not config.get("ckpt_path"):
-            return
-        if config.get("weights_only") is False:
-            raise ValueError("--weights_only false is refused: kve reads checkpoints weights-only (no unpickling of "
-                             "arbitrary objects); convert an old checkpoint with torch.load yourself if you trust it")
-        path = resolve_ckpt_path(config)
-        hparams = read_checkpoint(path)["hyper_parameters"]
-        set_checkpoint_defaults(self._parser(subcommand), hparams, path)
-        super().parse_arguments(parser, args)
-        config = self.config[subcommand] if subcommand else self.config
-        place_run(config)
-        check_architecture(config.model, hparams, path)
-        config.ckpt_path, config.weights_only = str(path), True
+        hparams = None
+        if config.get("ckpt_path"):
+            if config.get("weights_only") is False:
+                raise ValueError("--weights_only false is refused: kve reads checkpoints weights-only (no unpickling "
+                                 "of arbitrary objects); convert an old checkpoint with torch.load yourself if you "
+                                 "trust it")
+            path = resolve_ckpt_path(config)
+            hparams = read_checkpoint(path)["hyper_parameters"]
+            set_checkpoint_defaults(self._parser(subcommand), hparams, path)
+            super().parse_arguments(parser, args)
+            config = self.config[subcommand] if subcommand else self.config
+            place_run(config)
+            check_architecture(config.model, hparams, path)
+            config.ckpt_path, config.weights_only = str(path), True
+        resolve_sigma_max(config, hparams)
 
     def before_instantiate_classes(self) -> None:
         """``kve predict`` writes its sample folder only (its manifest.json records the settings): no config.yaml,
@@ -126,6 +133,22 @@ def resolve_ckpt_path(config) -> Path:
             raise FileNotFoundError(f"--ckpt_path hpc: no hpc_ckpt_N.ckpt in {str(root)!r}")
         return found[max(found)]
     return Path(ckpt_path)
+
+
+def resolve_sigma_max(config, hparams: dict[str, Any] | None) -> None:
+    """Replace ``model.sigma_max: auto`` with a number, printed once: the checkpoint's (``hparams``; the network was
+    trained on [sigma_min, sigma_max]), else ``ImageDataModule.max_pairwise_distance()`` of the configured data."""
+    if config.model.sigma_max != "auto":
+        return
+    if hparams is not None:
+        config.model.sigma_max, source = hparams["sigma_max"], "the checkpoint's"
+    else:
+        data = ImageDataModule(**config.data.as_dict())
+        config.model.sigma_max = data.max_pairwise_distance()
+        n = len(data.train_set)
+        subsample = f" (a seeded subsample of {MAX_DISTANCE_IMAGES:,})" if n > MAX_DISTANCE_IMAGES else ""
+        source = f"the largest pairwise distance of the {n:,} training images{subsample}, in [-1, 1] units"
+    rank_zero_only(print)(f"kve: sigma_max auto = {config.model.sigma_max:.6g}: {source}", file=sys.stderr)
 
 
 def set_checkpoint_defaults(parser, hparams: dict[str, Any], path: Path) -> None:

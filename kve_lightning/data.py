@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 from torchvision import transforms
+from tqdm import tqdm
 
 DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]
 DATASETS: tuple[str, ...] = get_args(DatasetName)
@@ -21,6 +22,22 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 MAX_SEEDS = 1_000_000
+MAX_DISTANCE_IMAGES = 10_000  # sigma_max auto: exact up to this many training images, a seeded subsample above
+
+
+def largest_pairwise_distance(images: torch.Tensor, chunk_size: int = 512) -> float:
+    """max_{i < j} ||x_i - x_j||_2 over the rows of ``images`` [N, ...] (N >= 2), exact in float64.
+
+    ``torch.cdist`` of ``chunk_size`` rows at a time against the rows after them (memory: chunk_size x N numbers),
+    with a progress bar when that takes more than 2 s; the winning pair's distance is recomputed directly."""
+    x = images.flatten(1).double()
+    best, pair = -1.0, (0, 1)
+    for start in tqdm(range(0, len(x) - 1, chunk_size), desc="largest pairwise distance", unit="chunk", delay=2):
+        d = torch.cdist(x[start:start + chunk_size], x[start:]).triu(1)  # pairs i < j only
+        value, flat = d.flatten().max(0)
+        if value.item() > best:
+            best, pair = value.item(), (start + flat.item() // d.shape[1], start + flat.item() % d.shape[1])
+    return (x[pair[0]] - x[pair[1]]).norm().item()
 
 
 def parse_seeds(seeds: str | int | Sequence[int]) -> list[int]:
@@ -292,6 +309,29 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = Subset(data, order[:n_val])
         train = Subset(data, order[n_val:])
         self.train_set = FlipDataset(train) if hp.hflip else train
+
+    def max_pairwise_distance(self, max_images: int = MAX_DISTANCE_IMAGES, seed: int = 0) -> float:
+        """The training split's largest pairwise Euclidean distance in [-1, 1] units, the images as the model sees
+        them (without random flips): sigma_max by Song & Ermon 2020, technique 1 (``sigma_max: auto`` in ``kve``).
+
+        Exact (``largest_pairwise_distance``) for up to ``max_images`` training images; for more, the exact maximum
+        over the images ``torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images]``: a lower
+        bound of the split's, equal to it when the draw holds a farthest pair. A ``ValueError`` for a split of one
+        image or of identical images (distance 0). Sets up the data if needed."""
+        self.setup("fit")
+        train = self.train_set.dataset if isinstance(self.train_set, FlipDataset) else self.train_set
+        n = len(train)
+        if n < 2:
+            raise ValueError(f"sigma_max auto: the training split holds {n} image: no pair to measure (give "
+                             f"--model.sigma_max a number)")
+        chosen = range(n) if n <= max_images else torch.randperm(
+            n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values.tolist()
+        images = torch.stack([train[i] for i in tqdm(chosen, desc="loading images", unit="img", delay=2)])
+        distance = largest_pairwise_distance(images)
+        if not distance > 0:
+            raise ValueError(f"sigma_max auto: the {len(images)} training images are identical (largest pairwise "
+                             f"distance {distance}): give --model.sigma_max a number")
+        return distance
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         """A loader with its own generator (for worker seeds): creating its iterators leaves the global one alone."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning as L
 import torch
@@ -52,6 +52,10 @@ class KarrasVeModule(L.LightningModule):
         image_size: the images' height and width in pixels (the CLI takes it from ``--data.image_size``).
         channels: the images' channel count, 1 or 3 (the CLI takes it from ``--data.channels``).
         unet: ``UNet2DModel`` keyword arguments over ``default_unet_config`` (Fourier embedding is required).
+        sigma_max: sigma_0, the largest noise level, also the top of the training noise range (``SamplerSettings``);
+            "auto" in the ``kve`` CLI, which replaces it before the module is built by the training split's largest
+            pairwise distance (``ImageDataModule.max_pairwise_distance``, Song & Ermon 2020, technique 1), or with
+            ``--ckpt_path`` by the checkpoint's number. In Python, pass that number.
         clamp_denoised: clip D(x; sigma) to the data range [-1, 1] while sampling (on for image models, off in
             Algorithm 2 as written; see ``SamplerSettings``).
         micro_batch: run the UNet on chunks of exactly this many rows while sampling, so that an image's bytes
@@ -90,6 +94,7 @@ class KarrasVeModule(L.LightningModule):
         image_size: int = 8,
         channels: int = 1,
         unet: dict[str, Any] | None = None,
+        sigma_max: float | Literal["auto"] = SamplerSettings.sigma_max,
         clamp_denoised: bool = True,
         micro_batch: int = 64,
         lr: float = 2e-4,
@@ -119,7 +124,11 @@ class KarrasVeModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.sampler = SamplerSettings(clamp_denoised=clamp_denoised, micro_batch=micro_batch, **sampler)
+        if sigma_max == "auto":
+            raise ValueError("sigma_max='auto' is resolved from the data by the kve CLI; in Python pass the number "
+                             "ImageDataModule.max_pairwise_distance() returns")
+        self.sampler = SamplerSettings(sigma_max=sigma_max, clamp_denoised=clamp_denoised, micro_batch=micro_batch,
+                                       **sampler)
         self.hparams.update(self.sampler.to_dict())  # every setting, flat: weights-only loading reads it back
         if lr <= 0 or warmup_steps < 0 or min(grid_size, inpaint_grid_images) < 0 or val_num_sigmas < 1:
             raise ValueError(f"need lr > 0, warmup_steps >= 0, grid_size >= 0, inpaint_grid_images >= 0, "

@@ -264,7 +264,7 @@ def likelihood_main(argv: list[str] | None = None) -> None:
           f"{out}", file=sys.stderr)
 
 
-PHEMA_DOC = """Post-hoc EMA: the EMA of any relative std, reconstructed from a run's power-function EMA snapshots (EDM2).
+PHEMA_DOC = """Post-hoc EMA: the EMA of any relative std, reconstructed from a run's power-function EMA snapshots.
 
     kve-phema --snapshots runs/digits --list
     kve-phema --snapshots runs/digits --ckpt runs/digits/checkpoints/last.ckpt --std 0.07 --out digits-0.07.ckpt

@@ -217,11 +217,12 @@ class PostHocEMA(Callback):
                 average[name] = average[name].to(p)
 
     def _check_folder(self, resumed: bool) -> str | None:
-        later = [s for s in list_snapshots(self.dirpath) if s.std in self.gammas and (not resumed or s.step > self.step)]
+        later = [s for s in list_snapshots(self.dirpath)
+                 if s.std in self.gammas and (not resumed or s.step > self.step)]
         if later and not resumed:
-            return (f"phema folder {str(self.dirpath)!r} already holds snapshots of stds {sorted({s.std for s in later})} "
-                    f"(up to step {later[-1].step}) and this run starts afresh: move them away, or resume their run "
-                    f"with --ckpt_path")
+            return (f"phema folder {str(self.dirpath)!r} already holds snapshots of stds "
+                    f"{sorted({s.std for s in later})} (up to step {later[-1].step}) and this run starts afresh: move "
+                    f"them away, or resume their run with --ckpt_path")
         for snapshot in later:
             rank_zero_info(f"post-hoc EMA: removing {snapshot.path.name}, written after the resumed checkpoint")
             snapshot.path.unlink()

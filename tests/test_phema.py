@@ -292,8 +292,8 @@ def test_kve_phema_lists_and_writes_a_checkpoint_and_an_export_that_sample_alike
     sample_script(["--model", str(tmp_path / "export-0.07"), "--seeds", "0-2", "--out", str(tmp_path / "b")])
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == {
         p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
-    cli_main(["predict", CONFIG, *TINY_MODEL_ARGS, f"--ckpt_path={tmp_path / 'p-0.07.ckpt'}", "--data.predict_seeds=0-2",
-              f"--writer.output_dir={tmp_path / 'c'}", f"--trainer.default_root_dir={tmp_path}",
+    cli_main(["predict", CONFIG, *TINY_MODEL_ARGS, f"--ckpt_path={tmp_path / 'p-0.07.ckpt'}",
+              "--data.predict_seeds=0-2", f"--writer.output_dir={tmp_path / 'c'}", f"--trainer.default_root_dir={tmp_path}",
               "--trainer.enable_progress_bar=false", "--trainer.logger=false"])
     assert (tmp_path / "c" / "000002.png").read_bytes() == (tmp_path / "a" / "000002.png").read_bytes()
 

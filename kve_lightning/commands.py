@@ -1,5 +1,5 @@
-"""The console scripts ``kve-sample``, ``kve-export``, ``kve-likelihood`` and ``kve-inpaint`` (``kve`` itself is
-``cli.py``).
+"""The console scripts ``kve-sample``, ``kve-export``, ``kve-likelihood``, ``kve-inpaint`` and ``kve-phema`` (``kve``
+is ``cli.py``, ``kve-tune`` is ``tune.py``).
 
 The sampling ones take the sampler's flags, generated from ``SamplerSettings``' fields, types and ``Args:`` docs, and
 ``--config YAML`` (settings under ``model:``, as kve-tune writes), which the flags override; a setting left out
@@ -18,19 +18,23 @@ from pathlib import Path
 from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
 import docstring_parser
+import lightning
+import numpy as np
 import torch
 import yaml
 from PIL import Image
+from safetensors import safe_open
 from tqdm import tqdm
 
 from kve_lightning.data import DATASETS, MAX_SEEDS, ImageDataModule, parse_seeds
 from kve_lightning.denoiser import VEDenoiser
-from kve_lightning.export import export_checkpoint
+from kve_lightning.export import check_output_dir, export_checkpoint, export_module
 from kve_lightning.images import (existing_pngs, existing_seeds, open_sample_folder, prepare_output_dir, read_png,
                                   sample_manifest, save_atomic, save_grid, save_png, seed_path, to_unit)
 from kve_lightning.inpainting import MASK_SPECS, complete, inpainting_grid, parse_mask
 from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
 from kve_lightning.module import KarrasVeModule
+from kve_lightning.phema import STD_MAX, Snapshot, combine, list_snapshots, reconstruction, std_to_gamma
 from kve_lightning.pipeline import KarrasVeLightningPipeline
 from kve_lightning.sampling import RESAMPLE, SamplerSettings
 
@@ -393,3 +397,127 @@ def load_images(args: argparse.Namespace, size: int, channels: int) -> torch.Ten
         data.setup("fit")
         images = data.val_set
     return torch.stack([images[i] for i in range(min(args.n or len(images), len(images)))])
+
+
+PHEMA_DOC = """Post-hoc EMA: the EMA of any relative std, reconstructed from a run's power-function EMA snapshots.
+
+    kve-phema --snapshots runs/digits --list
+    kve-phema --snapshots runs/digits --ckpt runs/digits/checkpoints/last.ckpt --std 0.07 --out digits-0.07.ckpt
+    kve-phema --snapshots runs/digits --ckpt runs/digits/checkpoints/last.ckpt --std 0.04,0.12 --export out/d-{std}
+
+The snapshots come from training with `--model.phema_stds [0.05,0.1]` (kve_lightning.phema.PostHocEMA). The EMA
+of each --std at the newest snapshot's step is the combination of all snapshots whose profile best matches its
+power-function profile in least squares (Karras et al. 2024, App. C.3). Its profile error e, half the L1 distance
+between the combined and the exact weights of the training steps, bounds the result: every weight lies within e
+times its range over training of the exact EMA. A std with e above --max-error is refused (--list shows the stds
+that pass). --ckpt gives the model (hyper-parameters, architecture, buffers) the weights go into. --out writes a
+checkpoint for `kve predict --ckpt_path`, `kve-sample --ckpt` and kve-export; --export a folder as kve-export
+writes one. With several stds, --out and --export must contain {std}.
+"""
+
+
+def phema_main(argv: list[str] | None = None) -> None:
+    """``kve-phema``."""
+    p = argparse.ArgumentParser(prog="kve-phema", description=PHEMA_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--snapshots", required=True, help="a folder of snapshots, or a run folder holding phema/")
+    p.add_argument("--list", action="store_true", help="list the snapshots and the stds they can reconstruct")
+    p.add_argument("--ckpt", help="the run's checkpoint (e.g. its last.ckpt) whose model the weights go into")
+    p.add_argument("--std", help='relative std(s) to reconstruct, e.g. "0.07" or "0.04,0.07,0.12"')
+    p.add_argument("--out", help="the checkpoint to write ({std} is replaced by the std)")
+    p.add_argument("--export", help="the diffusers folder to write, as kve-export does ({std} is replaced)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or earlier --export")
+    p.add_argument("--max-error", type=float, default=0.05,
+                   help="the largest profile error accepted (default 0.05; see above)")
+    args = p.parse_args(argv)
+    try:
+        folder = Path(args.snapshots)
+        folder = folder / "phema" if (folder / "phema").is_dir() else folder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--snapshots {args.snapshots!r} is not a folder")
+        snapshots = list_snapshots(folder)
+        if not snapshots:
+            raise FileNotFoundError(f"{str(folder)!r} holds no post-hoc EMA snapshots (phema-*.safetensors): train "
+                                    f"with --model.phema_stds to write them")
+        if args.list:
+            reconstructible = [s for s in np.arange(1, 61) / 200 if s < STD_MAX
+                               and reconstruction(snapshots, s)[1] <= args.max_error]
+            for s in snapshots:
+                print(f"step {s.step:>9}  std {s.std:.4f}  gamma {std_to_gamma(s.std):8.3f}  {s.path.name}")
+            print(f"reconstructible at step {snapshots[-1].step} with profile error <= {args.max_error:g}: " + (
+                f"std {min(reconstructible):g} to {max(reconstructible):g}" if reconstructible else "none"))
+            return
+        if args.std is None or args.ckpt is None or not (args.out or args.export):
+            raise ValueError("give --std, --ckpt and --out and/or --export (or --list)")
+        stds = list(dict.fromkeys(parse_stds(args.std)))
+        plans = [reconstruction(snapshots, std) for std in stds]
+        for std, (_, error, step) in zip(stds, plans):
+            if error > args.max_error:
+                raise ValueError(f"--std {std:g}: its profile error at step {step} is {error:.3f} > --max-error "
+                                 f"{args.max_error:g}: these snapshots cannot reconstruct it (see --list; snapshot "
+                                 f"more often)")
+        module = KarrasVeModule.from_checkpoint(args.ckpt)
+        check_snapshot_tensors(snapshots[0], module, args.ckpt)
+        outputs = [(phema_path(args.out, std, len(stds)), phema_path(args.export, std, len(stds))) for std in stds]
+        for out, export in outputs:
+            check_output_file(out, args.overwrite, args.ckpt)
+            if export:
+                check_output_dir(export, args.overwrite, args.ckpt)
+    except (ValueError, OSError) as err:
+        fail(p, err)
+    for std, (x, error, step), weights, (out, export) in zip(stds, plans, combine(snapshots, [x for x, _, _ in plans]),
+                                                            outputs):
+        module.load_state_dict(weights, strict=False)
+        info = {"std": std, "step": step, "profile_error": error, "coefficients": x.tolist(),
+                "snapshots": [s.path.name for s in snapshots]}
+        if out:
+            checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                          "pytorch-lightning_version": lightning.__version__, "phema": info}
+            save_atomic(out, lambda f: torch.save(checkpoint, f))
+        if export:
+            export_module(module, export, args.ckpt, overwrite=args.overwrite)
+        print(f"std {std:g} at step {step} from {len(snapshots)} snapshots, profile error {error:.4f}: "
+              f"{', '.join(str(o) for o in (out, export) if o)}", file=sys.stderr)
+
+
+def parse_stds(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--std {text!r} is not a number or a comma list of numbers") from None
+
+
+def phema_path(template: str | None, std: float, count: int) -> Path | None:
+    """``template`` with {std} replaced; a ``ValueError`` when several stds would share one path."""
+    if template is None:
+        return None
+    if count > 1 and "{std}" not in template:
+        raise ValueError(f"{template!r}: with several --std values the output must contain {{std}}")
+    return Path(template.replace("{std}", f"{std:g}"))
+
+
+def check_output_file(out: Path | None, overwrite: bool, ckpt: str) -> None:
+    """``out`` may be written: in an existing folder, not a folder, not the checkpoint ``ckpt`` itself, and not an
+    existing file unless ``overwrite``."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {str(out)!r} is a directory, not a checkpoint file")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder of --out {str(out)!r} does not exist")
+    if out.exists() and (not overwrite or out.resolve() == Path(ckpt).resolve()):
+        raise FileExistsError(f"--out {str(out)!r} exists" + (
+            " and is the --ckpt checkpoint" if overwrite else " (pass --overwrite to replace it)"))
+
+
+def check_snapshot_tensors(snapshot: Snapshot, module: KarrasVeModule, ckpt: str) -> None:
+    """The snapshot holds exactly the module's parameters, of the same shapes; a ``ValueError`` naming the first
+    that differs otherwise."""
+    with safe_open(snapshot.path, framework="pt") as f:
+        theirs = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    ours = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    diff = [f"{n}: {theirs.get(n, 'missing')} in the snapshots, {ours.get(n, 'missing')} in the checkpoint"
+            for n in sorted(theirs.keys() | ours.keys()) if theirs.get(n) != ours.get(n)]
+    if diff:
+        raise ValueError(f"the snapshots do not fit checkpoint {ckpt!r} ({len(diff)} tensors differ; {diff[0]}): "
+                         f"give the checkpoint of the run that wrote them")

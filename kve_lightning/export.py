@@ -53,11 +53,18 @@ def check_output_dir(out_dir: str | Path, overwrite: bool, ckpt: str | Path) -> 
 
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False, **overrides: Any) -> Path:
     """Write the checkpoint's EMA weights and sampler settings (with ``overrides`` of ``SamplerSettings`` fields)
-    as a diffusers folder ``out_dir``; return it.
+    as a diffusers folder ``out_dir``; return it (``export_module``)."""
+    return export_module(KarrasVeModule.from_checkpoint(ckpt), out_dir, ckpt, overwrite, **overrides)
+
+
+def export_module(module: KarrasVeModule, out_dir: str | Path, ckpt: str | Path, overwrite: bool = False,
+                  **overrides: Any) -> Path:
+    """Write the module's weights and sampler settings (with ``overrides``) as a diffusers folder ``out_dir``; return
+    it. ``ckpt`` is the checkpoint the module comes from, whose folder ``overwrite`` never replaces.
 
     Checks everything before writing, writes to a temporary folder beside ``out_dir``, then renames it into place
     (an existing ``out_dir`` is replaced only with ``overwrite``)."""
-    pipeline = module_pipeline(KarrasVeModule.from_checkpoint(ckpt), **overrides)
+    pipeline = module_pipeline(module, **overrides)
     out = check_output_dir(out_dir, overwrite, ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

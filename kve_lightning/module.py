@@ -22,6 +22,7 @@ from kve_lightning.images import to_unit
 from kve_lightning.inpainting import complete, inpainting_grid, parse_mask
 from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
 from kve_lightning.metrics import FEATURES, Features, build_fid
+from kve_lightning.phema import PostHocEMA
 from kve_lightning.rng import get_rng_states, set_rng_states
 from kve_lightning.sampling import RESAMPLE, SamplerSettings, sample_karras_ve
 
@@ -66,6 +67,9 @@ class KarrasVeModule(L.LightningModule):
         warmup_steps: optimizer steps of linear learning-rate warm-up from 0.
         ema_decay: the EMA decay of the weights used for validation, sampling and checkpoints (0 turns EMA off).
         ema_warmup: the EMA's warm-up: its decay is min(ema_decay, (1 + n) / (ema_warmup + n)) at update n.
+        phema_stds: relative stds of the power-function EMAs to track for post-hoc EMA (EDM2: [0.05, 0.10]); their
+            snapshots go to ``ROOT/phema`` and ``kve-phema`` reconstructs any other std from them (empty: off).
+        phema_every_n_steps: optimizer steps between post-hoc EMA snapshots.
         grid_size: samples in the validation grid logged to TensorBoard (0: no grid).
         grid_seed: the grid's first seed; image k uses seed grid_seed + k.
         trajectory_rows: grid samples whose denoising trajectory is logged beside the grid.
@@ -103,6 +107,8 @@ class KarrasVeModule(L.LightningModule):
         warmup_steps: int = 200,
         ema_decay: float = 0.999,
         ema_warmup: float = 10.0,
+        phema_stds: Sequence[float] = (),
+        phema_every_n_steps: int = 250,
         grid_size: int = 64,
         grid_seed: int = 0,
         trajectory_rows: int = 4,
@@ -136,6 +142,8 @@ class KarrasVeModule(L.LightningModule):
                              f"inpaint_grid_images={inpaint_grid_images}, val_num_sigmas={val_num_sigmas}")
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got max_bad_steps={max_bad_steps}")
+        if phema_stds:
+            PostHocEMA(phema_stds, phema_every_n_steps)  # checks the settings now, not when fitting starts
         self.denoiser = VEDenoiser(UNet2DModel(**unet_config(image_size, channels, unet)))
         if fid_every_n_epochs < 0 or fid_num_samples < 2 or fid_features not in FEATURES:
             raise ValueError(f"need fid_every_n_epochs >= 0, fid_num_samples >= 2, fid_features in {FEATURES}; got "
@@ -381,8 +389,11 @@ class KarrasVeModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_callbacks(self):
-        """EMA on by default while fitting; predict and validate use the (EMA) weights the checkpoint holds."""
-        if self.hparams.ema_decay > 0 and self.trainer.state.fn == "fit":
-            return [EMA(self.hparams.ema_decay, self.hparams.ema_warmup)]
-        return []
+        """EMA on by default while fitting, post-hoc EMA snapshots if ``phema_stds``; predict and validate use the
+        (EMA) weights the checkpoint holds."""
+        hp = self.hparams
+        if self.trainer.state.fn != "fit":
+            return []
+        return ([EMA(hp.ema_decay, hp.ema_warmup)] if hp.ema_decay > 0 else []) + (
+            [PostHocEMA(hp.phema_stds, hp.phema_every_n_steps)] if hp.phema_stds else [])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 import time
 from dataclasses import fields
@@ -36,7 +37,7 @@ from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, m
 from kve_lightning.module import KarrasVeModule
 from kve_lightning.phema import STD_MAX, Snapshot, combine, list_snapshots, reconstruction, std_to_gamma
 from kve_lightning.pipeline import KarrasVeLightningPipeline
-from kve_lightning.sampling import RESAMPLE, SamplerSettings
+from kve_lightning.sampling import GUIDANCE, RESAMPLE, SamplerSettings
 
 Sampler = Callable[[list[int]], torch.Tensor]
 SHORT_FLAGS = {"num_steps": "--steps"}  # an extra, shorter spelling
@@ -112,6 +113,11 @@ def load_pipeline(model_dir: str | Path, device: torch.device) -> KarrasVeLightn
     return pipe.to(device)
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda if available, else cpu)")
+
+
 def parse_device(name: str) -> torch.device:
     """A torch device that exists here; a ``ValueError`` naming it otherwise."""
     try:
@@ -132,7 +138,8 @@ def load_model(args: argparse.Namespace) -> tuple[Callable[..., torch.Tensor], S
     device = parse_device(args.device)
     if args.ckpt is not None:
         module = KarrasVeModule.from_checkpoint(args.ckpt).to(device)
-        sample, settings, denoiser = lambda seeds, **o: to_unit(module.sample(seeds, **o)), module.sampler, module.denoiser
+        sample = lambda seeds, **o: to_unit(module.sample(seeds, **o))  # noqa: E731
+        settings, denoiser = module.sampler, module.denoiser
     else:
         pipe = load_pipeline(args.model, device)
         sample = lambda seeds, **o: pipe(seeds=seeds, output_type="pt", **o).images  # noqa: E731
@@ -173,8 +180,7 @@ def sample_main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
                    help="leave out the seeds whose PNG is already in --out (default); a folder of other weights or "
                         "settings is refused either way")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device to sample on (default: cuda if available, else cpu)")
+    add_device_argument(p)
     add_sampler_arguments(p)
     args = p.parse_args(argv)
     try:
@@ -251,8 +257,7 @@ def likelihood_main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=64, help="RK4 steps in ln(sigma), 4 NFE each (default 64)")
     p.add_argument("--batch-size", type=int, default=64, help="images integrated at once (default 64)")
     p.add_argument("--out", required=True, help="the JSON report to write")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(p)
     args = p.parse_args(argv)
     try:
         for name in ("probes", "steps", "batch_size") + (("n",) if args.n is not None else ()):
@@ -297,7 +302,7 @@ def likelihood_main(argv: list[str] | None = None) -> None:
 
 
 INPAINT_DOC = """Fill in the masked part of images with the model's conditional (inpaint_karras_ve: Algorithm 2 with the
-known pixels replaced at every noise level, and RePaint resampling).
+known pixels replaced at every noise level, RePaint resampling and reconstruction guidance).
 
     kve-inpaint --ckpt runs/digits/checkpoints/last.ckpt --split val --n 16 --mask bottom --out inpaint/digits
     kve-inpaint --model exported/faces --images photos/ --mask hole.png --out inpaint/faces --seeds 0-7
@@ -326,12 +331,14 @@ def inpaint_main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", default="0-3", help='completions per image, one per seed (default "0-3")')
     p.add_argument("--resample", type=int, default=RESAMPLE,
                    help=f"RePaint resampling: each step runs R times (NFE x R; default {RESAMPLE}, see the README)")
+    p.add_argument("--guidance", type=float, default=GUIDANCE,
+                   help=f"reconstruction-guidance weight w (0: replacement only; each evaluation then also costs a "
+                        f"backward pass; default {GUIDANCE:g}, see the README)")
     p.add_argument("--batch-size", type=int, default=64, help="completions sampled at once (default 64)")
     p.add_argument("--grid-images", type=int, default=32, help="images in grid.png, 0 for none (default 32)")
     p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
                    help="leave out the completions whose PNG is already in --out (default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device to sample on (default: cuda if available, else cpu)")
+    add_device_argument(p)
     add_sampler_arguments(p)
     args = p.parse_args(argv)
     try:
@@ -341,6 +348,8 @@ def inpaint_main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.grid_images < 0:
             raise ValueError(f"--grid-images must be >= 0, got {args.grid_images}")
+        if not 0 <= args.guidance < math.inf:
+            raise ValueError(f"--guidance must be a finite number >= 0, got {args.guidance}")
         device = parse_device(args.device)
         _, settings, denoiser = load_model(args)
         settings = settings.replace(**sampler_overrides(args))
@@ -351,7 +360,7 @@ def inpaint_main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{len(images)} images x {len(seeds)} seeds is more than {MAX_SEEDS:,} completions: "
                              f"split them over several runs")
         manifest = sample_manifest(denoiser.unet, settings) | {"inpainting": {
-            "resample": args.resample, "mask": args.mask,
+            "resample": args.resample, "guidance": args.guidance, "mask": args.mask,
             "mask_sha256": hashlib.sha256(mask.cpu().numpy().tobytes()).hexdigest(),
             "images_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest(), "images": len(images)}}
         out = prepare_output_dir(args.out)
@@ -369,7 +378,7 @@ def inpaint_main(argv: list[str] | None = None) -> None:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             x = complete(denoiser, images[[i for i, _, _ in batch]].to(device), mask, [s for _, s, _ in batch],
-                         settings, args.resample)
+                         settings, args.resample, args.guidance)
             for (_, _, path), image in zip(batch, to_unit(x)):
                 save_png(image, path)
             bar.update(len(batch))

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from kve_lightning.sampling import Denoiser, SamplerSettings, inpaint_karras_ve
+from kve_lightning.sampling import GUIDANCE, RESAMPLE, Denoiser, SamplerSettings, inpaint_karras_ve
 
 HALVES = ("bottom", "top", "left", "right")
 MASK_SPECS = HALVES + ("center", "random:P", "FILE.png")
@@ -68,11 +68,12 @@ def parse_mask(spec: str, image_size: int) -> torch.Tensor:
 
 
 def complete(denoiser: Denoiser, images: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int],
-             settings: SamplerSettings, resample: int) -> torch.Tensor:
+             settings: SamplerSettings, resample: int = RESAMPLE, guidance: float = GUIDANCE) -> torch.Tensor:
     """Row k: image k [B, C, H, W] in [-1, 1] with its unknown pixels drawn by ``inpaint_karras_ve`` from the
     generator ``manual_seed(seeds[k])``, so a completion depends on its image, mask and seed only. In [-1, 1]."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return inpaint_karras_ve(denoiser, images, mask, resample=resample, settings=settings, generator=generators)
+    return inpaint_karras_ve(denoiser, images, mask, resample=resample, guidance=guidance, settings=settings,
+                             generator=generators)
 
 
 def masked_view(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, m
 from kve_lightning.metrics import FEATURES, Features, build_fid
 from kve_lightning.phema import PostHocEMA
 from kve_lightning.rng import get_rng_states, set_rng_states
-from kve_lightning.sampling import RESAMPLE, SamplerSettings, sample_karras_ve
+from kve_lightning.sampling import SamplerSettings, sample_karras_ve
 
 def unet_config(image_size: int, channels: int, unet: dict[str, Any] | None) -> dict[str, Any]:
     """The ``UNet2DModel`` keyword arguments for ``channels`` x ``image_size`` x ``image_size`` images:
@@ -353,7 +353,7 @@ class KarrasVeModule(L.LightningModule):
         mask = parse_mask("bottom", self.hparams.image_size).to(self.device)
         seeds = [self.hparams.grid_seed + k for k in range(INPAINT_COMPLETIONS)]
         rows = images.to(self.device).repeat_interleave(len(seeds), 0)
-        x = complete(self.denoiser, rows, mask, seeds * len(images), self.sampler, RESAMPLE)
+        x = complete(self.denoiser, rows, mask, seeds * len(images), self.sampler)
         return inpainting_grid(images, mask.cpu(), x.unflatten(0, (len(images), len(seeds))).cpu())
 
     # ------------------------------------------------------------------ sampling

@@ -24,8 +24,8 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kve_lightning.commands import (add_sampler_arguments, fail, load_model, model_parser, parse_device,
-                                    sampler_overrides)
+from kve_lightning.commands import (add_device_argument, add_sampler_arguments, fail, load_model, model_parser,
+                                    parse_device, sampler_overrides)
 from kve_lightning.data import DATASETS, ImageDataModule
 from kve_lightning.images import save_atomic
 from kve_lightning.metrics import feature_moments, feature_net, frechet_distance, matrix_sqrt
@@ -281,8 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="the real images' data set (default digits)")
     p.add_argument("--root", default="data", help="where a torchvision data set or an image folder lives")
     p.add_argument("--batch-size", type=int, default=500, help="images sampled at once (default 500)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(p)
     add_sampler_arguments(p)
     args = p.parse_args(argv)
     began = time.monotonic()

@@ -45,12 +45,13 @@ def test_known_entries_are_kept_and_the_rest_varies_with_the_seed(mixture):
 def test_a_rows_result_does_not_depend_on_its_batch(mixture):
     y = torch.cat([observation(mixture), mixture.means[1:2], mixture.means[2:3]])
     mask = torch.stack([TOP[0], ~TOP[0], torch.zeros_like(TOP[0])])  # a row with nothing known among them
-    batch = inpaint_karras_ve(mixture.denoiser, y, mask, num_steps=6,
-                              generator=[torch.Generator().manual_seed(s) for s in range(3)])
-    for k in range(3):
-        alone = inpaint_karras_ve(mixture.denoiser, y[k:k + 1], mask[k:k + 1], num_steps=6,
-                                  generator=[torch.Generator().manual_seed(k)])
-        torch.testing.assert_close(alone[0], batch[k], rtol=0, atol=1e-12)
+    for micro_batch in (0, 2):  # 2: the guided denoiser runs on padded chunks of 2 rows
+        batch = inpaint_karras_ve(mixture.denoiser, y, mask, num_steps=6, micro_batch=micro_batch,
+                                  generator=[torch.Generator().manual_seed(s) for s in range(3)])
+        for k in range(3):
+            alone = inpaint_karras_ve(mixture.denoiser, y[k:k + 1], mask[k:k + 1], num_steps=6,
+                                      micro_batch=micro_batch, generator=[torch.Generator().manual_seed(k)])
+            torch.testing.assert_close(alone[0], batch[k], rtol=0, atol=1e-12)
 
 
 def test_everything_known_gives_y_and_nothing_known_gives_the_unconditional_sample(mixture):
@@ -63,12 +64,13 @@ def test_everything_known_gives_y_and_nothing_known_gives_the_unconditional_samp
     assert torch.equal(free, plain)
 
 
-def test_default_resampling_reaches_the_exact_conditional_component_weights(mixture):
+def test_default_settings_reach_the_exact_conditional_component_weights(mixture):
     """The top half observed: the exact conditional's weights are w_k N(y_o; mu_k,o, s_k^2 I) normalised (here
     one-hot on component 0). 4,000 completions at 18 steps, each assigned to the component whose bottom-half mean is
-    nearest. Measured: replacement alone (R = 1) misplaces 3.3 % of the mass, the default R = 2 0.2 %, R = 4 0.05 %;
-    the sampling error of a fraction p is sqrt(p (1 - p) / n) < 0.3 % here, so R = 2 meets the 2 % goal by far more
-    than 3 standard errors and R = 1 misses it by more than 3."""
+    nearest. Measured: replacement alone (R = 1, w = 0) misplaces 3.3 % of the mass, R = 2 0.2 %, guidance w = 1
+    alone under 0.1 %, the defaults (both) less; the sampling error of a fraction p is sqrt(p (1 - p) / n) < 0.3 %
+    here, so the defaults and w = 1 meet the 2 % goal by far more than 3 standard errors and replacement alone misses
+    it by more than 3."""
     y_o = observation(mixture)
     mu_o, mu_u = (m.flatten(1) for m in (mixture.means[:, :, : D // 2], mixture.means[:, :, D // 2:]))
     var = mixture.stds**2
@@ -84,7 +86,19 @@ def test_default_resampling_reaches_the_exact_conditional_component_weights(mixt
         return (torch.bincount(nearest, minlength=3).double() / len(y) - exact).abs().max().item()
 
     assert weight_error() < 0.02
-    assert weight_error(resample=1) > 0.025
+    assert weight_error(resample=1, guidance=1.0) < 0.02
+    assert weight_error(resample=1, guidance=0.0) > 0.025
+
+
+def test_guidance_works_under_inference_mode(mixture):
+    """Lightning validates under torch.inference_mode, where autograd is off: the guided denoiser still
+    differentiates, and the result equals the one outside it."""
+    y = observation(mixture).expand(2, -1, -1, -1).clone()
+    outside = inpaint_karras_ve(mixture.denoiser, y, TOP, num_steps=4, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        inside = inpaint_karras_ve(mixture.denoiser, y.clone(), TOP.clone(), num_steps=4,
+                                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(inside, outside)
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -92,6 +106,8 @@ def test_default_resampling_reaches_the_exact_conditional_component_weights(mixt
     (dict(mask=torch.ones(1, 1, D, D)), "bool"),
     (dict(y=torch.full((1, 1, D, D), float("nan"))), "finite"),
     (dict(resample=0), "resample=0"),
+    (dict(guidance=-1.0), "guidance=-1.0"),
+    (dict(guidance=float("nan")), "guidance=nan"),
     (dict(s_churn=-1.0), "s_churn=-1.0"),
 ])
 def test_bad_input_names_it(mixture, kwargs, needle):
@@ -101,15 +117,15 @@ def test_bad_input_names_it(mixture, kwargs, needle):
 
 
 def test_benchmark_script_runs_and_resampling_helps(monkeypatch):
-    """scripts/benchmark_inpainting.py on one observation: every (R, N) row, and the error falls from replacement
+    """scripts/benchmark_inpainting.py on one observation: every (R, w, N) row, and the error falls from replacement
     at 4 steps to R = 4 at 50 steps."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "scripts"))
     from benchmark_inpainting import main
 
     rows = main(["--observations", "1", "--n", "200"])
-    assert len(rows) == 16 and all(0 <= r["weight_error"] <= 1 and r["sliced_w2"] > 0 for r in rows)
-    first = next(r for r in rows if r["resample"] == 1 and r["steps"] == 4)
-    best = next(r for r in rows if r["resample"] == 4 and r["steps"] == 50)
+    assert len(rows) == 28 and all(0 <= r["weight_error"] <= 1 and r["sliced_w2"] > 0 for r in rows)
+    first = next(r for r in rows if (r["resample"], r["guidance"], r["steps"]) == (1, 0, 4))
+    best = next(r for r in rows if (r["resample"], r["guidance"], r["steps"]) == (4, 0, 50))
     assert best["weight_error"] < first["weight_error"] and best["sliced_w2"] < first["sliced_w2"]
 
 

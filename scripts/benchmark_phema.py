@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     targets = [float(s) for s in args.targets.split(",")]
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
     L.seed_everything(config["seed_everything"])
-    module = KarrasVeModule(**config["model"] | {"grid_size": 0})
     data = ImageDataModule(**config["data"])
+    if config["model"].get("sigma_max") == "auto":  # what the kve CLI resolves: the training split's largest distance
+        config["model"]["sigma_max"] = data.max_pairwise_distance()
+    module = KarrasVeModule(**config["model"] | {"grid_size": 0})
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False,

@@ -50,6 +50,8 @@ def build(config: Path, batch_size: int | None = None, **model_options):
     data_cfg |= {"dataset": "digits", "num_workers": 0}  # offline: digits resized to the config's image size
     data = ImageDataModule(**data_cfg)
     model_cfg = cfg.get("model", {}) | dict(image_size=data.hparams.image_size, channels=data.hparams.channels)
+    if model_cfg.get("sigma_max") == "auto":  # what the kve CLI resolves: the training split's largest distance
+        model_cfg["sigma_max"] = data.max_pairwise_distance()
     return KarrasVeModule(**(model_cfg | model_options | {"grid_size": 0})), data
 
 

@@ -162,6 +162,7 @@ INPAINT_CASES = [
     (["--images", "{tmp}/big"], ["a.png", "16x16", "8x8"]),
     (["--images", "{tmp}/missing"], ["missing", "does not exist"]),
     (["--resample", "0"], ["--resample must be >= 1, got 0"]),
+    (["--guidance", "-1"], ["--guidance must be a finite number >= 0, got -1.0"]),
     (["--n", "0"], ["--n must be >= 1, got 0"]),
     (["--seeds", "5-2"], ["5-2"]),
     (["--grid-images", "-1"], ["--grid-images", "-1"]),

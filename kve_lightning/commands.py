@@ -466,7 +466,8 @@ def phema_main(argv: list[str] | None = None) -> None:
                                  f"{args.max_error:g}: these snapshots cannot reconstruct it (see --list; snapshot "
                                  f"more often)")
         module = KarrasVeModule.from_checkpoint(args.ckpt)
-        check_snapshot_tensors(snapshots[0], module, args.ckpt)
+        for snapshot in snapshots:
+            check_snapshot_tensors(snapshot, module, args.ckpt)
         outputs = [(phema_path(args.out, std, len(stds)), phema_path(args.export, std, len(stds))) for std in stds]
         for out, export in outputs:
             check_output_file(out, args.overwrite, args.ckpt)

@@ -317,7 +317,8 @@ class ImageDataModule(L.LightningDataModule):
         Exact (``largest_pairwise_distance``) for up to ``max_images`` training images; for more, the exact maximum
         over the images ``torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images]``: a lower
         bound of the split's, equal to it when the draw holds a farthest pair. A ``ValueError`` for a split of one
-        image or of identical images (distance 0). Sets up the data if needed."""
+        image or of identical images (distance 0). Prepares (downloads, if allowed) and sets up the data if needed."""
+        self.prepare_data()
         self.setup("fit")
         train = self.train_set.dataset if isinstance(self.train_set, FlipDataset) else self.train_set
         n = len(train)

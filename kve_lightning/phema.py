@@ -201,9 +201,10 @@ class PostHocEMA(Callback):
             self.dirpath = Path(trainer.default_root_dir) / "phema"
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A fresh start begins its averages at the current weights and refuses a folder holding snapshots of these
-        stds (another run's: mixing them would corrupt every reconstruction); a resumed one moves its averages to the
-        weights' device and deletes the snapshots written after its checkpoint (a continuation rewrites them)."""
+        """A fresh start begins its averages at the current weights and refuses a folder holding snapshots (another
+        run's: mixing them would corrupt every reconstruction); a resumed one moves its averages to the weights'
+        device and deletes the snapshots of its stds written after its checkpoint (a continuation rewrites them).
+        Rank 0 checks the folder and every rank raises its finding (none waits on a rank that failed)."""
         resumed = bool(self.averages)
         problem = trainer.strategy.broadcast(self._check_folder(resumed) if trainer.is_global_zero else None)
         if problem:
@@ -217,8 +218,11 @@ class PostHocEMA(Callback):
                 average[name] = average[name].to(p)
 
     def _check_folder(self, resumed: bool) -> str | None:
-        later = [s for s in list_snapshots(self.dirpath)
-                 if s.std in self.gammas and (not resumed or s.step > self.step)]
+        try:
+            snapshots = list_snapshots(self.dirpath)
+        except ValueError as err:  # a broken or foreign phema-* file
+            return str(err)
+        later = [s for s in snapshots if not resumed or (s.std in self.gammas and s.step > self.step)]
         if later and not resumed:
             return (f"phema folder {str(self.dirpath)!r} already holds snapshots of stds "
                     f"{sorted({s.std for s in later})} (up to step {later[-1].step}) and this run starts afresh: move "

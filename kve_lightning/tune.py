@@ -10,7 +10,6 @@ S_churn, S_noise by steps), keep going while the FID drops, shrink the steps whe
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import sys

@@ -229,6 +229,11 @@ def test_snapshots_and_averages_survive_resume_and_the_ema_is_unaffected(tmp_pat
         cli_main(["fit", *FIT_ARGS, "--trainer.max_epochs=1", *PHEMA])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "already holds snapshots" in err and str(SNAPSHOTS) in err, err[-2000:]
+    # also with other stds: both runs start at step 0, so nothing else would tell their snapshots apart
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", *FIT_ARGS, "--trainer.max_epochs=1", "--model.phema_stds=[0.07]",
+                  "--model.phema_every_n_steps=3"])
+    assert exit_info.value.code == 2 and "already holds snapshots" in capsys.readouterr().err
     assert torch.load(LAST, weights_only=True)["global_step"] == 12
 
 

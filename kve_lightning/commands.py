@@ -118,6 +118,15 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
                         help="torch device (default: cuda if available, else cpu)")
 
 
+def writable_file(path: Path, flag: str) -> Path:
+    """``path``, the value of ``flag``, if a file can be written there: not a folder, in an existing folder."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {str(path)!r} is a directory, not a file")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder of {flag} {str(path)!r} does not exist")
+    return path
+
+
 def parse_device(name: str) -> torch.device:
     """A torch device that exists here; a ``ValueError`` naming it otherwise."""
     try:
@@ -263,11 +272,7 @@ def likelihood_main(argv: list[str] | None = None) -> None:
         for name in ("probes", "steps", "batch_size") + (("n",) if args.n is not None else ()):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        out = Path(args.out)
-        if out.is_dir():
-            raise IsADirectoryError(f"--out {str(out)!r} is a directory, not a report file")
-        if not out.parent.is_dir():
-            raise FileNotFoundError(f"the folder of --out {str(out)!r} does not exist")
+        out = writable_file(Path(args.out), "--out")
         device = parse_device(args.device)
         _, settings, denoiser = load_model(args)
         unet = denoiser.unet
@@ -511,10 +516,7 @@ def check_output_file(out: Path | None, overwrite: bool, ckpt: str) -> None:
     existing file unless ``overwrite``."""
     if out is None:
         return
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {str(out)!r} is a directory, not a checkpoint file")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"the folder of --out {str(out)!r} does not exist")
+    writable_file(out, "--out")
     if out.exists() and (not overwrite or out.resolve() == Path(ckpt).resolve()):
         raise FileExistsError(f"--out {str(out)!r} exists" + (
             " and is the --ckpt checkpoint" if overwrite else " (pass --overwrite to replace it)"))

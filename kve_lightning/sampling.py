@@ -19,6 +19,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # scripts/benchmark_inpainting.py (README, BENCHMARKS.md)
 RESAMPLE = 2
 GUIDANCE = 1.0
+GAMMA_MAX = math.sqrt(2) - 1  # Algorithm 2's cap on the churn: gamma_i = min(S_churn / N, sqrt(2) - 1)
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
 Schedule = Literal["ve", "edm"]
@@ -264,7 +265,7 @@ def _algorithm2(denoiser: Denoiser, shape: Sequence[int], settings: SamplerSetti
 
     x = latents if latents is not None else sigma[0] * randn_per_row(shape, generator, device, dtype)
     x = project(x, sigma[0])
-    gamma_max = min(settings.s_churn / N, math.sqrt(2) - 1)
+    gamma_max = min(settings.s_churn / N, GAMMA_MAX)
     for i in range(N):
         gamma = gamma_max if settings.s_min <= sigma[i] <= settings.s_max else 0.0
         for r in range(resample):

@@ -24,15 +24,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kve_lightning.commands import (add_device_argument, add_sampler_arguments, fail, load_model, model_parser,
-                                    parse_device, sampler_overrides)
+                                    parse_device, sampler_overrides, writable_file)
 from kve_lightning.data import DATASETS, ImageDataModule
 from kve_lightning.images import save_atomic
 from kve_lightning.metrics import feature_moments, feature_net, frechet_distance, matrix_sqrt
-from kve_lightning.sampling import SamplerSettings
+from kve_lightning.sampling import GAMMA_MAX, SamplerSettings
 
 SEARCHED = ("s_churn", "s_min", "s_max", "s_noise")
 METRICS = {"fid-digits": "digits", "fid-inception": "inception"}
-GAMMA_MAX = math.sqrt(2) - 1  # gamma_i = min(S_churn / N, sqrt(2) - 1)
 Evaluate = Callable[[SamplerSettings], torch.Tensor]  # settings -> features [n, d] of the same n seeds
 
 
@@ -238,14 +237,6 @@ def num_steps_for(nfe: int, solver: str) -> int:
         rule = "2N - 1 (odd, >= 3)" if solver == "heun" else "N (>= 2)"
         raise ValueError(f"--nfe {nfe} is not reachable with the {solver} solver: NFE = {rule}")
     return steps
-
-
-def writable_file(path: Path, flag: str) -> Path:
-    if path.is_dir():
-        raise IsADirectoryError(f"{flag} {str(path)!r} is a directory, not a file")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the folder of {flag} {str(path)!r} does not exist")
-    return path
 
 
 TUNE_DOC = """Tune the sampler's stochasticity (S_churn, S_tmin, S_tmax, S_noise) of a trained model at a fixed NFE.

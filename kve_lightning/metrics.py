@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
-from kve_lightning import data
 
 Features = Literal["digits", "inception"]
 FEATURES: tuple[str, ...] = get_args(Features)
@@ -31,11 +30,21 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 # ---------------------------------------------------------------- the digits data set and its feature network
 
 
+def digits_images(image_size: int, channels: int) -> torch.Tensor:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), in [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    x = torch.from_numpy(load_digits().images).float().unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return (x.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()
+
+
 def digits_with_labels() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1797 digits as [N, 1, 8, 8] float32 images in [-1, 1] (pixels 0..16) and their labels."""
     from sklearn.datasets import load_digits
 
-    return data.digits_images(8, 1), torch.as_tensor(load_digits().target)
+    return digits_images(8, 1), torch.as_tensor(load_digits().target)
 
 
 def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

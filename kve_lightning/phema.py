@@ -20,16 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from tqdm import tqdm
-
-from kve_lightning.images import save_atomic
 
 # sigma_rel(gamma) peaks where d/dgamma log sigma_rel^2 = 0, i.e. gamma^2 + 3 gamma + 1 = 0: gamma = (sqrt(5) - 3) / 2
 GAMMA_AT_STD_MAX = (math.sqrt(5) - 3) / 2
@@ -158,112 +153,3 @@ def combine(snapshots: Sequence[Snapshot], coefficients: Sequence[torch.Tensor])
             for name, value in tensors.items():
                 out[name] = out.get(name, 0) + x[k].item() * value.double()
     return [{n: v.to(first[n].dtype) for n, v in out.items()} for out in sums]
-
-
-# ------------------------------------------------------------------------------------------------ the callback
-
-
-class PostHocEMA(Callback):
-    """Tracks power-function EMAs of the raw training weights (all parameters) and saves them as snapshots, from
-    which ``kve-phema`` reconstructs the EMA of any relative std after training (EDM2 Sec. 3).
-
-    Updated after every optimizer step, from the weights the optimizer just wrote (the fixed-decay ``EMA`` swaps its
-    average in only for validation, so both can run side by side). Each snapshot is ``phema-STEP-STD.safetensors``,
-    written atomically by rank 0 every ``snapshot_every_n_steps`` steps and when training ends, with its step, std and
-    origin (the step tracking began) as JSON in the header. The running averages are part of the checkpoint
-    (``state_dict``), so a resumed run continues them exactly.
-
-    Args:
-        stds: the relative standard deviations sigma_rel of the tracked profiles (EDM2: 0.05 and 0.10).
-        snapshot_every_n_steps: save each profile's average every n optimizer steps.
-        dirpath: the snapshots' folder (default: ``phema`` in the trainer's ``default_root_dir``).
-    """
-
-    def __init__(self, stds: Sequence[float] = (0.05, 0.10), snapshot_every_n_steps: int = 250,
-                 dirpath: str | Path | None = None):
-        self.gammas = {float(std): std_to_gamma(float(std)) for std in stds}  # a ValueError for an impossible std
-        if not stds or len({snapshot_name(0, s) for s in self.gammas}) != len(stds):
-            raise ValueError(f"phema stds must be distinct (to 4 decimals) and at least one, got {list(stds)}")
-        if snapshot_every_n_steps < 1:
-            raise ValueError(f"snapshot_every_n_steps must be >= 1, got {snapshot_every_n_steps}")
-        self.every = snapshot_every_n_steps
-        self.dirpath = None if dirpath is None else Path(dirpath)
-        self.origin = self.step = 0
-        self.averages: dict[float, dict[str, torch.Tensor]] = {}
-        self._key = self._generate_state_key(stds=list(self.gammas), dirpath=None if dirpath is None else str(dirpath))
-
-    @property
-    def state_key(self) -> str:
-        return self._key
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.dirpath is None:
-            self.dirpath = Path(trainer.default_root_dir) / "phema"
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A fresh start begins its averages at the current weights and refuses a folder holding snapshots (another
-        run's: mixing them would corrupt every reconstruction); a resumed one moves its averages to the weights'
-        device and deletes the snapshots of its stds written after its checkpoint (a continuation rewrites them).
-        Rank 0 checks the folder and every rank raises its finding (none waits on a rank that failed)."""
-        resumed = bool(self.averages)
-        problem = trainer.strategy.broadcast(self._check_folder(resumed) if trainer.is_global_zero else None)
-        if problem:
-            raise FileExistsError(problem)
-        if not resumed:
-            self.origin = self.step = trainer.global_step
-            self.averages = {std: {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-                             for std in self.gammas}
-        for average in self.averages.values():
-            for name, p in pl_module.named_parameters():
-                average[name] = average[name].to(p)
-
-    def _check_folder(self, resumed: bool) -> str | None:
-        try:
-            snapshots = list_snapshots(self.dirpath)
-        except ValueError as err:  # a broken or foreign phema-* file
-            return str(err)
-        later = [s for s in snapshots if not resumed or (s.std in self.gammas and s.step > self.step)]
-        if later and not resumed:
-            return (f"phema folder {str(self.dirpath)!r} already holds snapshots of stds "
-                    f"{sorted({s.std for s in later})} (up to step {later[-1].step}) and this run starts afresh: move "
-                    f"them away, or resume their run with --ckpt_path")
-        for snapshot in later:
-            rank_zero_info(f"post-hoc EMA: removing {snapshot.path.name}, written after the resumed checkpoint")
-            snapshot.path.unlink()
-        return None
-
-    @torch.no_grad()
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        """After each optimizer step (once per step under gradient accumulation): theta_hat <- lerp(theta_hat,
-        theta, 1 - beta) for every profile, and a snapshot every ``snapshot_every_n_steps`` steps."""
-        step = trainer.global_step
-        if step <= self.step:
-            return
-        params = [p.detach() for p in pl_module.parameters()]
-        for std, gamma in self.gammas.items():
-            beta = ema_beta(gamma, step - self.origin, step - self.step)
-            torch._foreach_lerp_(list(self.averages[std].values()), params, 1 - beta)
-        self.step = step
-        if step % self.every == 0:
-            self._save(trainer)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.step > self.origin and self.step % self.every:
-            self._save(trainer)
-
-    def _save(self, trainer: L.Trainer) -> None:
-        if not trainer.is_global_zero:
-            return
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        for std, average in self.averages.items():
-            meta = {"phema": json.dumps({"step": self.step, "std": std, "origin": self.origin})}
-            payload = save({n: v.detach().cpu().contiguous() for n, v in average.items()}, metadata=meta)
-            save_atomic(self.dirpath / snapshot_name(self.step, std), lambda f: f.write(payload))
-
-    def state_dict(self) -> dict:
-        return {"origin": self.origin, "step": self.step,
-                "averages": {str(std): average for std, average in self.averages.items()}}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.origin, self.step = state_dict["origin"], state_dict["step"]
-        self.averages = {float(std): dict(average) for std, average in state_dict["averages"].items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import reprlib
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Literal, Mapping, Sequence, get_args, get_type_hints
 
@@ -28,6 +29,16 @@ SCHEDULES: tuple[str, ...] = get_args(Schedule)
 SOLVERS: tuple[str, ...] = get_args(Solver)
 MAX_STEPS = 100_000
 MAX_SIGMA = 1e4
+MAX_REPR = 80  # characters of a value shown in an error message
+
+
+def bounded_repr(value: Any) -> str:
+    """``repr(value)``, cut to ``MAX_REPR`` characters: an error message stays one short line whatever it names."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = MAX_REPR
+    short.maxlevel = 2  # a deeply nested value (a YAML alias bomb) is cut, not expanded
+    text = short.repr(value)
+    return text if len(text) <= MAX_REPR else text[:MAX_REPR - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -41,13 +52,13 @@ class SamplerSettings:
 
     Args:
         num_steps: N, the number of noise levels before sigma_N = 0 (NFE = 2N - 1 with heun, N with euler).
-        sigma_min: the smallest noise level sigma_{N-1} (> 0); also the bottom of the training noise range.
-        sigma_max: the largest noise level sigma_0 (at most 1e4); also the top of the training noise range.
+        sigma_min: the smallest noise level sigma_{N-1} (> 0); at least the model's trained sigma_min.
+        sigma_max: the largest noise level sigma_0 (at most 1e4); at most the model's trained sigma_max.
         schedule: the noise levels: "ve" (EDM Table 1, geometric in sigma) or "edm" (EDM Eq. 5, with rho).
         rho: the exponent of the "edm" schedule (EDM uses 7).
         s_churn: S_churn, the total churn: gamma_i = min(S_churn / N, sqrt(2) - 1) inside [s_min, s_max].
         s_min: S_tmin, the lowest sigma that gets churn.
-        s_max: S_tmax, the highest sigma that gets churn.
+        s_max: S_tmax, the highest sigma that gets churn ("inf", EDM's own default: no upper limit).
         s_noise: S_noise, the scale of the churn noise (slightly above 1 offsets detail lost to denoising).
         solver: "heun" (Algorithm 2, second order) or "euler" (its first step only).
         clamp_denoised: clip D(x; sigma) to the data range [-1, 1] at every step (not part of Algorithm 2; the
@@ -64,29 +75,32 @@ class SamplerSettings:
     rho: float = 7.0
     s_churn: float = 80.0
     s_min: float = 0.05
-    s_max: float = 1.0
+    s_max: float | Literal["inf"] = 1.0
     s_noise: float = 1.007
     solver: Solver = "heun"
     clamp_denoised: bool = False
     micro_batch: int = 0
+    extrapolate: bool = False
 
     def __post_init__(self) -> None:
         steps = self.num_steps
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 2 <= steps <= MAX_STEPS:
-            raise ValueError(f"num_steps must be an integer in [2, {MAX_STEPS}], got num_steps={steps!r}")
+            raise ValueError(f"num_steps must be an integer in [2, {MAX_STEPS}], got num_steps={bounded_repr(steps)}")
         object.__setattr__(self, "num_steps", int(steps))
         rows = self.micro_batch
         if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or not 0 <= rows <= 2**16:
-            raise ValueError(f"micro_batch must be an integer in [0, 65536], got micro_batch={rows!r}")
+            raise ValueError(f"micro_batch must be an integer in [0, 65536], got micro_batch={bounded_repr(rows)}")
         object.__setattr__(self, "micro_batch", int(rows))
+        if self.s_max in ("inf", math.inf):  # EDM's S_tmax default; "inf" is how JSON and the flags spell it
+            object.__setattr__(self, "s_max", math.inf)
         for name, hint in get_type_hints(type(self)).items():
             value = getattr(self, name)
-            if hint is float:
+            if hint is float or name == "s_max" and value != math.inf:
                 if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                    raise ValueError(f"{name} must be a finite number, got {name}={value!r}")
+                    raise ValueError(f"{name} must be a finite number, got {name}={bounded_repr(value)}")
                 object.__setattr__(self, name, float(value))
-        if not isinstance(self.clamp_denoised, bool):
-            raise ValueError(f"clamp_denoised must be true or false, got clamp_denoised={self.clamp_denoised!r}")
+            if hint is bool and not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {name}={bounded_repr(value)}")
         for name, choices in (("schedule", SCHEDULES), ("solver", SOLVERS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name}={getattr(self, name)!r}; expected one of {choices}")
@@ -119,8 +133,22 @@ class SamplerSettings:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain numbers, strings and booleans (JSON, checkpoint hyper-parameters)."""
-        return dataclasses.asdict(self)
+        """Plain numbers, strings and booleans that strict JSON and YAML readers parse (an infinite S_tmax is
+        ``"inf"``): manifests, scheduler configs, checkpoint hyper-parameters."""
+        return dataclasses.asdict(self) | ({"s_max": "inf"} if self.s_max == math.inf else {})
+
+    def check_trained_range(self, trained_min: float, trained_max: float) -> None:
+        """A ``ValueError`` naming both ranges if [sigma_min, sigma_max] reaches outside the range the model was
+        trained on, [trained_min, trained_max], unless ``extrapolate``. EDM's networks clamp the sampler to theirs."""
+        if not self.extrapolate and (self.sigma_min < trained_min or self.sigma_max > trained_max):
+            raise ValueError(f"the sampler's noise range [{self.sigma_min:g}, {self.sigma_max:g}] leaves the model's "
+                             f"trained range [{trained_min:g}, {trained_max:g}]: the network has never seen those "
+                             f"noise levels (extrapolate=True, --model.extrapolate true, samples there anyway)")
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image: 2N - 1 with Heun (no correction at sigma_N = 0), N with Euler."""
+        return 2 * self.num_steps - 1 if self.solver == "heun" else self.num_steps
 
     def sigmas(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The noise levels sigma_0 > ... > sigma_{N-1} > sigma_N = 0 (``karras_ve_sigmas``)."""
@@ -230,8 +258,8 @@ def sample_karras_ve(
 
     ``settings`` (default ``SamplerSettings()``: Table 5's CIFAR-10 VE settings, 50 steps of the VE schedule on
     [0.02, 100]) with keyword ``overrides`` of its fields, e.g. ``num_steps=18, s_churn=0``. ``sigmas``
-    (descending, ending in 0) replaces the schedule of the settings. The start is x_0 = sigma_0 * eps unless
-    ``latents`` is given (used as is); then one noise tensor eps_i is drawn per step, even where gamma_i = 0, so a
+    (descending, ending in 0) replaces the schedule of the settings. The start is x_0 = sigma_0 * eps, with eps the
+    unit-variance ``latents`` if given (as EDM's ``edm_sampler`` and diffusers take them); then one noise tensor eps_i is drawn per step, even where gamma_i = 0, so a
     step's noise does not depend on the churn window. ``generator`` may be one ``torch.Generator`` or one per batch
     row. ``callback(i, sigma_hat, x_hat, denoised)`` is called after each step's first denoiser evaluation.
     """
@@ -263,7 +291,7 @@ def _algorithm2(denoiser: Denoiser, shape: Sequence[int], settings: SamplerSetti
                                     settings.micro_batch)
         return denoised.clamp(-1, 1) if settings.clamp_denoised else denoised
 
-    x = latents if latents is not None else sigma[0] * randn_per_row(shape, generator, device, dtype)
+    x = sigma[0] * (latents if latents is not None else randn_per_row(shape, generator, device, dtype))
     x = project(x, sigma[0])
     gamma_max = min(settings.s_churn / N, GAMMA_MAX)
     for i in range(N):
@@ -327,9 +355,9 @@ def inpaint_karras_ve(
     except RuntimeError:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to y's shape {tuple(y.shape)}") from None
     if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
-        raise ValueError(f"resample must be an integer >= 1, got resample={resample!r}")
+        raise ValueError(f"resample must be an integer >= 1, got resample={bounded_repr(resample)}")
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
-        raise ValueError(f"guidance must be a finite number >= 0, got guidance={guidance!r}")
+        raise ValueError(f"guidance must be a finite number >= 0, got guidance={bounded_repr(guidance)}")
     settings = (settings or SamplerSettings()).replace(**overrides)
     known_rows = mask.flatten(1).any(1).tolist()
 

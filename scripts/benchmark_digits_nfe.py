@@ -18,9 +18,9 @@ import torch
 from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeScheduler
 from tqdm import tqdm
 
-from kve_lightning.data import digits_images
+from kve_lightning.metrics import digits_images
 from kve_lightning.metrics import build_fid, digits_fid_floor
-from kve_lightning.module import KarrasVeModule
+from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.sampling import randn_per_row, sample_karras_ve
 
 

@@ -34,12 +34,12 @@ import torch
 
 from benchmark_samplers import sliced_w2
 from kve_lightning.commands import sampler_config
-from kve_lightning.data import ImageDataModule
+from kve_lightning.lit.data import ImageDataModule
 from kve_lightning.exact import GaussianMixture
-from kve_lightning.inpainting import complete, parse_mask
+from kve_lightning.masks import complete, parse_mask
 from kve_lightning.likelihood import mean_and_stderr
 from kve_lightning.metrics import digits_feature_net, digits_with_labels
-from kve_lightning.module import KarrasVeModule
+from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.sampling import inpaint_karras_ve
 
 D = 4

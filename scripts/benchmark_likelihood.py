@@ -19,9 +19,9 @@ import time
 import torch
 from sklearn.mixture import GaussianMixture
 
-from kve_lightning.data import ImageDataModule
+from kve_lightning.lit.data import ImageDataModule
 from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
-from kve_lightning.module import KarrasVeModule
+from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.sampling import rand_per_row
 
 

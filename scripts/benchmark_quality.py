@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kve_lightning.data import digits_images
+from kve_lightning.metrics import digits_images
 from kve_lightning.metrics import build_fid
-from kve_lightning.module import KarrasVeModule
+from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.sampling import SamplerSettings
 
 

@@ -26,8 +26,8 @@ from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeSchedul
 
 from kve_lightning import VEDenoiser, sample_karras_ve
 from kve_lightning.denoiser import default_unet_config
-from kve_lightning.images import save_atomic
-from kve_lightning.module import unet_config
+from kve_lightning.storage import save_atomic
+from kve_lightning.lit.module import unet_config
 
 
 def table(summary: dict) -> str:

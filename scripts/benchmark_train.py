@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from kve_lightning.images import save_atomic
+from kve_lightning.storage import save_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def build(config: Path, batch_size: int | None = None, **model_options):
 def run_plain(config: Path, steps: int, warmup: int, batch_size: int | None, variant: str) -> float:
     from torch.optim.swa_utils import AveragedModel
 
-    from kve_lightning.ema import ema_update
+    from kve_lightning.lit.ema import ema_update
     from kve_lightning.denoiser import ve_loss
 
     module, data = build(config, batch_size)

@@ -172,7 +172,7 @@ def markdown(report: dict) -> str:
 
 
 def write(path: Path, text: str) -> None:
-    from kve_lightning.images import save_atomic
+    from kve_lightning.storage import save_atomic
 
     save_atomic(path, lambda f: f.write(text.encode()))
 

@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from kve_lightning.images import save_atomic
+from kve_lightning.storage import save_atomic
 
 _used: list[str] = []
 

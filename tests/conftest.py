@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 
 from kve_lightning.cli import cli_main
-from kve_lightning.commands import export_main, sample_main
 
 REPO = Path(__file__).resolve().parents[1]
 
 # A UNet small enough for tests: two resolutions of 16 and 32 channels, no attention.
 TINY_UNET = ('{"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8, '
              '"down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]}')
-TINY_MODEL_ARGS = [f"--model.unet={TINY_UNET}", "--model.num_steps=4", "--model.grid_size=4",
-                   "--model.trajectory_rows=2", "--model.trajectory_cols=3"]
+TINY_MODEL_ARGS = [f"--model.unet={TINY_UNET}", "--model.num_steps=4", "--sample_grid.size=4",
+                   "--sample_grid.trajectory_rows=2", "--sample_grid.trajectory_cols=3"]
 
 
 def run_kve(*args: str, cwd=None, check=True) -> subprocess.CompletedProcess:
@@ -28,13 +27,36 @@ def run_kve(*args: str, cwd=None, check=True) -> subprocess.CompletedProcess:
 
 
 def sample_script(argv: list[str]) -> None:
-    """``kve-sample ARGV``, in process."""
-    sample_main(argv)
+    """``kve sample ARGV``, in process."""
+    cli_main(["sample", *argv])
 
 
 def export_script(argv: list[str]) -> None:
-    """``kve-export ARGV``, in process."""
-    export_main(argv)
+    """``kve export ARGV``, in process."""
+    cli_main(["export", *argv])
+
+
+def folder_state(folder: Path) -> dict:
+    """Every path under ``folder`` with its bytes (None for a folder): what "nothing written" compares."""
+    return {p: p.read_bytes() if p.is_file() else None for p in Path(folder).rglob("*")}
+
+
+def assert_refused(call, capsys, *needles: str, code: int = 2, folder: Path | None = None) -> str:
+    """The one check of bad input: ``call()`` exits with ``code`` (2) and exactly one error line (warnings may
+    precede it) holding every needle, no traceback, and, given ``folder``, nothing under it changed. Returns the
+    line."""
+    before = folder_state(folder) if folder is not None else None
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert exit_info.value.code == code, err[-3000:]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert all(n in errors[0] for n in needles), (needles, errors[0])
+    if folder is not None:
+        assert folder_state(folder) == before
+    return errors[0]
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO, TINY_MODEL_ARGS, run_kve, sample_script
 from kve_lightning import ImageDataModule
-from kve_lightning.cli import KveCLI, cli_main
-from kve_lightning.images import to_unit
-from kve_lightning.module import KarrasVeModule
+from kve_lightning.cli import cli_main
+from kve_lightning.cli.fit import KveCLI
+from kve_lightning.storage import to_unit
+from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.sampling import SamplerSettings
 
 

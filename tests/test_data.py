@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from kve_lightning import ImageDataModule
-from kve_lightning.data import parse_seeds
+from kve_lightning.lit.data import parse_seeds
 
 
 def test_parse_seeds():

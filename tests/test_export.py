@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from conftest import TINY_UNET, export_script, sample_script
-from kve_lightning.export import export_checkpoint
-from kve_lightning.images import to_unit
-from kve_lightning.module import KarrasVeModule
+from kve_lightning.interop.export import export_checkpoint
+from kve_lightning.storage import to_unit
+from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.sampling import SamplerSettings
-from kve_lightning.pipeline import KarrasVeLightningPipeline
+from kve_lightning.interop.pipeline import KarrasVeLightningPipeline
 
 EXPORTED_FILES = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                   "scheduler/scheduler_config.json"}

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO, TINY_MODEL_ARGS, export_script, sample_script
 from kve_lightning.cli import cli_main
-from kve_lightning.data import ImageDataModule, parse_seeds
-from kve_lightning.module import KarrasVeModule
-from kve_lightning.pipeline import KarrasVeLightningPipeline
+from kve_lightning.lit.data import ImageDataModule, parse_seeds
+from kve_lightning.lit.module import KarrasVeModule
+from kve_lightning.interop.pipeline import KarrasVeLightningPipeline
 
 CONFIG = f"--config={REPO / 'configs' / 'digits.yaml'}"
 
@@ -236,7 +236,7 @@ def test_messages_say_what_is_wrong_with_a_path(trained_run, tmp_path, capsys):
 
 
 def test_cleanup_deletes_only_temporaries_of_dead_writers(tmp_path):
-    from kve_lightning.images import open_sample_folder, writer_id
+    from kve_lightning.storage import open_sample_folder, writer_id
 
     host = writer_id().rsplit("-", 1)[0]
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

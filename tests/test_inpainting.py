@@ -9,7 +9,7 @@ from PIL import Image
 
 from kve_lightning import ImageDataModule
 from kve_lightning.exact import GaussianMixture
-from kve_lightning.images import to_unit
+from kve_lightning.storage import to_unit
 from kve_lightning.sampling import inpaint_karras_ve, sample_karras_ve
 
 D = 4
@@ -144,8 +144,8 @@ def pngs(folder):
 def test_kve_inpaint_keeps_the_known_pixels_and_resumes_to_the_same_bytes(trained_run, tmp_path, capsys):
     """--split val, bottom half masked: each completion's top half is the original's 8-bit top half; a rerun after
     losing one PNG and truncating another gives the uninterrupted run's bytes; other settings are refused."""
-    from kve_lightning.images import read_png, to_pil
-    from kve_lightning.inpainting import parse_mask
+    from kve_lightning.storage import read_png, to_pil
+    from kve_lightning.masks import parse_mask
 
     _, ckpt = trained_run
     args = ["--ckpt", ckpt, "--split", "val", "--n", 3, "--mask", "bottom", "--seeds", "0-1", "--steps", 3]

@@ -9,8 +9,8 @@ import torch
 
 from conftest import TINY_UNET
 from kve_lightning import ImageDataModule, KarrasVeModule
-from kve_lightning.ema import EMA, ema_update
-from kve_lightning.module import dsm_loss
+from kve_lightning.lit.ema import EMA, ema_update
+from kve_lightning.lit.module import dsm_loss
 
 UNET = json.loads(TINY_UNET)
 

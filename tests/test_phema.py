@@ -15,7 +15,7 @@ from torch.nn.utils import parameters_to_vector
 
 from conftest import REPO, TINY_MODEL_ARGS, TINY_UNET, sample_script
 from kve_lightning import ImageDataModule, KarrasVeModule
-from kve_lightning.checkpoint import read_checkpoint
+from kve_lightning.interop.checkpoint import read_checkpoint
 from kve_lightning.cli import cli_main
 from kve_lightning.commands import phema_main
 from kve_lightning.phema import (GAMMA_AT_STD_MAX, STD_MAX, PostHocEMA, Snapshot, combine, ema_beta, gamma_to_std,

@@ -10,11 +10,11 @@ from diffusers import ImagePipelineOutput
 from PIL import Image
 
 from conftest import TINY_UNET
-from kve_lightning.export import module_pipeline
-from kve_lightning.images import to_pil
-from kve_lightning.images import to_unit
-from kve_lightning.module import KarrasVeModule
-from kve_lightning.pipeline import KarrasVeLightningPipeline, KarrasVeLightningScheduler
+from kve_lightning.interop.export import module_pipeline
+from kve_lightning.storage import to_pil
+from kve_lightning.storage import to_unit
+from kve_lightning.lit.module import KarrasVeModule
+from kve_lightning.interop.pipeline import KarrasVeLightningPipeline, KarrasVeLightningScheduler
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_save_and_from_pretrained_round_trip(module, tmp_path):
     config = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
     assert {k: config[k] for k in settings} == settings
     assert json.loads((tmp_path / "model_index.json").read_text())["scheduler"] == [
-        "kve_lightning.pipeline", "KarrasVeLightningScheduler"]
+        "kve_lightning.interop.pipeline", "KarrasVeLightningScheduler"]
     loaded = KarrasVeLightningPipeline.from_pretrained(tmp_path, use_safetensors=True)
     assert isinstance(loaded.scheduler, KarrasVeLightningScheduler)
     assert {k: loaded.scheduler.config[k] for k in settings} == settings

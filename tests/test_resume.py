@@ -19,7 +19,8 @@ from PIL import Image
 
 from conftest import REPO, TINY_MODEL_ARGS, TINY_UNET, run_kve, sample_script
 from kve_lightning import ImageDataModule, KarrasVeModule
-from kve_lightning.cli import KveCLI, cli_main
+from kve_lightning.cli import cli_main
+from kve_lightning.cli.fit import KveCLI
 from kve_lightning.rng import get_rng_states, set_rng_states
 
 CONFIG = f"--config={REPO / 'configs' / 'digits.yaml'}"

@@ -18,10 +18,11 @@ from torch.utils.data import TensorDataset
 
 from conftest import REPO, TINY_MODEL_ARGS, export_script
 from kve_lightning import ImageDataModule
-from kve_lightning.checkpoint import read_checkpoint
-from kve_lightning.cli import KveCLI, cli_main
-from kve_lightning.data import ImagesOnly, largest_pairwise_distance
-from kve_lightning.module import KarrasVeModule
+from kve_lightning.interop.checkpoint import read_checkpoint
+from kve_lightning.cli import cli_main
+from kve_lightning.cli.fit import KveCLI
+from kve_lightning.lit.data import ImagesOnly, largest_pairwise_distance
+from kve_lightning.lit.module import KarrasVeModule
 
 CONFIG = f"--config={REPO / 'configs' / 'digits.yaml'}"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.logger=false"]

@@ -12,9 +12,9 @@ import yaml
 
 from conftest import REPO, TINY_MODEL_ARGS, export_script, sample_script
 from kve_lightning.cli import cli_main
-from kve_lightning.data import digits_images
+from kve_lightning.metrics import digits_images
 from kve_lightning.metrics import digits_feature_net, feature_moments, fid_from_images, frechet_distance, matrix_sqrt
-from kve_lightning.module import KarrasVeModule
+from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.sampling import SamplerSettings
 from kve_lightning.tune import GAMMA_MAX, SEARCHED, Scorer, main as tune_main, paired_intervals, tune
 from test_bad_input import assert_refused

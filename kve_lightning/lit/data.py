@@ -9,12 +9,13 @@ from typing import Iterator, Literal, Sequence, get_args
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 from torchvision import transforms
 from tqdm import tqdm
+
+from kve_lightning.metrics import digits_images
 
 DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]
 DATASETS: tuple[str, ...] = get_args(DatasetName)
@@ -70,16 +71,6 @@ def parse_seeds(seeds: str | int | Sequence[int]) -> list[int]:
     if len(set(items)) != len(items):
         raise ValueError(f"malformed seeds {seeds!r}: a seed is repeated")
     return items
-
-
-def digits_images(image_size: int, channels: int) -> torch.Tensor:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), in [-1, 1]."""
-    from sklearn.datasets import load_digits
-
-    x = torch.from_numpy(load_digits().images).float().unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
-    if image_size != 8:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    return (x.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

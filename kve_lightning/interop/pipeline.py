@@ -5,7 +5,7 @@
 ``save_pretrained`` / ``from_pretrained`` carry them in ``scheduler/scheduler_config.json``.
 
 diffusers records a component class from outside its own libraries under its module path
-(``["kve_lightning.pipeline", "KarrasVeLightningScheduler"]`` in ``model_index.json``), resolves that path from
+(``["kve_lightning.interop.pipeline", "KarrasVeLightningScheduler"]`` in ``model_index.json``), resolves that path from
 ``sys.modules`` only (importing this module is what makes it loadable) and looks the loadable base class
 ``SchedulerMixin`` up by name in this module: keep it imported here under that name.
 """
@@ -24,9 +24,9 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UN
 from diffusers.configuration_utils import ConfigMixin
 from safetensors import safe_open
 
-from kve_lightning.checkpoint import check_finite
+from kve_lightning.interop.checkpoint import check_finite
 from kve_lightning.denoiser import VEDenoiser
-from kve_lightning.images import to_unit
+from kve_lightning.storage import to_unit
 from kve_lightning.sampling import SamplerSettings, sample_karras_ve
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -34,17 +34,23 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 
 class KarrasVeLightningScheduler(SchedulerMixin, ConfigMixin):
     """The ``SamplerSettings`` of EDM Algorithm 2 as a diffusers config (``scheduler_config.json``), one key per
-    setting; a bad setting fails on load, not on use. ``num_steps`` is the default of a pipeline call's
-    ``num_inference_steps``. No ``step()``: the pipeline runs the whole sampler."""
+    setting, and the noise range the UNet was trained on (``train_sigma_min``, ``train_sigma_max``; an export of
+    before they were stored was trained on its sampler's); a bad setting fails on load, not on use. ``num_steps`` is
+    the default of a pipeline call's ``num_inference_steps``. No ``step()``: the pipeline runs the whole sampler."""
 
-    def __init__(self, **settings: Any):
+    def __init__(self, train_sigma_min: float | None = None, train_sigma_max: float | None = None, **settings: Any):
         self.settings = SamplerSettings(**settings)
-        self.register_to_config(**self.settings.to_dict())
+        self.trained = (self.settings.sigma_min if train_sigma_min is None else float(train_sigma_min),
+                        self.settings.sigma_max if train_sigma_max is None else float(train_sigma_max))
+        self.register_to_config(**self.settings.to_dict(), train_sigma_min=self.trained[0],
+                                train_sigma_max=self.trained[1])
 
 
-# diffusers reads a config's keys off the __init__ signature: give it the settings' fields
+# diffusers reads a config's keys off the __init__ signature: give it the training range and the settings' fields
 KarrasVeLightningScheduler.__init__.__signature__ = inspect.Signature(
     [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+       for name in ("train_sigma_min", "train_sigma_max")]
     + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields(SamplerSettings)])
 
 
@@ -114,6 +120,7 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
             raise ValueError(f"unknown output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
         batch_size, generator = _batch_and_generator(batch_size, generator, seeds)
         settings = self.scheduler.settings.replace(**{"num_steps": num_inference_steps} | overrides)
+        settings.check_trained_range(*self.scheduler.trained)
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else size
         shape = (batch_size, self.unet.config.in_channels, height, width)

@@ -1,4 +1,6 @@
-"""The Lightning module: VE denoising score matching, and the stochastic Karras VE sampler for grids and predict."""
+"""The Lightning module: VE denoising score matching, the validation loss, sampling (EDM Algorithm 2) and bits/dim.
+
+What validation shows besides its loss (sample grids, FID, bits/dim) is in ``kve_lightning.lit.callbacks``."""
 
 from __future__ import annotations
 
@@ -9,22 +11,16 @@ from typing import Any, Literal, Sequence
 import lightning as L
 import torch
 from diffusers import UNet2DModel
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
-from torchvision.utils import make_grid
 
-from kve_lightning.checkpoint import read_checkpoint
-from kve_lightning.data import FlipDataset
+from kve_lightning.interop.checkpoint import read_checkpoint
 from kve_lightning.denoiser import VEDenoiser, default_unet_config, dsm_loss, ve_loss
-from kve_lightning.ema import EMA
-from kve_lightning.images import to_unit
-from kve_lightning.inpainting import complete, inpainting_grid, parse_mask
+from kve_lightning.lit.ema import EMA, PostHocEMA
+from kve_lightning.storage import to_unit
 from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
-from kve_lightning.metrics import FEATURES, Features, build_fid
-from kve_lightning.phema import PostHocEMA
+
 from kve_lightning.rng import get_rng_states, set_rng_states
-from kve_lightning.sampling import SamplerSettings, sample_karras_ve
+from kve_lightning.sampling import MAX_SIGMA, SamplerSettings, sample_karras_ve
 
 def unet_config(image_size: int, channels: int, unet: dict[str, Any] | None) -> dict[str, Any]:
     """The ``UNet2DModel`` keyword arguments for ``channels`` x ``image_size`` x ``image_size`` images:
@@ -43,7 +39,17 @@ def unet_config(image_size: int, channels: int, unet: dict[str, Any] | None) -> 
     return config
 
 
-INPAINT_COMPLETIONS = 4  # completions per image in the validation inpainting grid
+# hyper-parameters of earlier versions, now the settings of the evaluation callbacks (kve_lightning.lit.callbacks)
+RETIRED = frozenset({"grid_size", "grid_seed", "trajectory_rows", "trajectory_cols", "inpaint_grid_images",
+                     "fid_every_n_epochs", "fid_num_samples", "fid_features", "bpd_every_n_epochs", "bpd_num_images"})
+
+
+def checkpoint_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters as ``KarrasVeModule`` takes them: Lightning's private keys and ``RETIRED``
+    ones dropped; a checkpoint of before the training range was stored apart was trained on its sampler's."""
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_") and k not in RETIRED}
+    return {"train_sigma_min": hparams.get("sigma_min", SamplerSettings.sigma_min),
+            "train_sigma_max": hparams.get("sigma_max", SamplerSettings.sigma_max)} | hparams
 
 
 class KarrasVeModule(L.LightningModule):
@@ -53,7 +59,7 @@ class KarrasVeModule(L.LightningModule):
         image_size: the images' height and width in pixels (the CLI takes it from ``--data.image_size``).
         channels: the images' channel count, 1 or 3 (the CLI takes it from ``--data.channels``).
         unet: ``UNet2DModel`` keyword arguments over ``default_unet_config`` (Fourier embedding is required).
-        sigma_max: sigma_0, the largest noise level, also the top of the training noise range (``SamplerSettings``);
+        sigma_max: sigma_0, the largest noise level, and the top of the training noise range (``SamplerSettings``);
             "auto" in the ``kve`` CLI, which replaces it before the module is built by the training split's largest
             pairwise distance (``ImageDataModule.max_pairwise_distance``, Song & Ermon 2020, technique 1), or with
             ``--ckpt_path`` by the checkpoint's number. In Python, pass that number.
@@ -70,27 +76,18 @@ class KarrasVeModule(L.LightningModule):
         phema_stds: relative stds of the power-function EMAs to track for post-hoc EMA (EDM2: [0.05, 0.10]); their
             snapshots go to ``ROOT/phema`` and ``kve-phema`` reconstructs any other std from them (empty: off).
         phema_every_n_steps: optimizer steps between post-hoc EMA snapshots.
-        grid_size: samples in the validation grid logged to TensorBoard (0: no grid).
-        grid_seed: the grid's first seed; image k uses seed grid_seed + k.
-        trajectory_rows: grid samples whose denoising trajectory is logged beside the grid.
-        inpaint_grid_images: held-out images whose bottom half is completed ``INPAINT_COMPLETIONS`` times (seeds
-            grid_seed, ...) in the validation grid ``samples/inpainting`` (0: no inpainting grid).
-        trajectory_cols: steps shown per trajectory.
         val_num_sigmas: fixed sigmas, log-spaced over [sigma_min, sigma_max], of the validation loss.
         val_seed: the seed of the validation loss's fixed noise.
         max_bad_steps: stop after this many consecutive steps skipped for a non-finite loss or gradient.
         channels_last: keep the UNet's weights and the training batches in channels-last memory format.
         compile: ``torch.compile`` the UNet in place (state-dict keys unchanged: checkpoints load uncompiled).
-        fid_every_n_epochs: log ``val/fid`` every n epochs (0: never).
-        fid_num_samples: samples per FID, against the training images.
-        fid_features: the FID's features: "digits" (offline) or "inception" (metrics.py).
         likelihood_steps: RK4 steps of the probability-flow ODE for bits/dim (``kve test``, ``val/bpd``; 4 NFE each).
         likelihood_probes: Hutchinson probes per image for bits/dim.
-        bpd_every_n_epochs: log ``val/bpd`` of the first ``bpd_num_images`` held-out images every n epochs (0: never).
-        bpd_num_images: held-out images in ``val/bpd``.
-        **sampler: the other fields of ``SamplerSettings``, at its defaults unless given; [sigma_min, sigma_max] is
-            also the training noise range. They are stored flat in the hyper-parameters and can change whenever a
-            checkpoint is loaded.
+        train_sigma_min: the bottom of the training noise range (default: ``sigma_min``); the model's own once trained,
+            stored in its checkpoint, and a sampler reaching below it is refused (``SamplerSettings.extrapolate``).
+        train_sigma_max: the top of the training noise range (default: ``sigma_max``), likewise.
+        **sampler: the other fields of ``SamplerSettings``, at its defaults unless given. They are stored flat in
+            the hyper-parameters and may change whenever a checkpoint is loaded; the training range may not.
     """
 
     def __init__(
@@ -109,23 +106,15 @@ class KarrasVeModule(L.LightningModule):
         ema_warmup: float = 10.0,
         phema_stds: Sequence[float] = (),
         phema_every_n_steps: int = 250,
-        grid_size: int = 64,
-        grid_seed: int = 0,
-        trajectory_rows: int = 4,
-        inpaint_grid_images: int = 8,
-        trajectory_cols: int = 8,
         val_num_sigmas: int = 8,
         val_seed: int = 0,
         max_bad_steps: int = 10,
         channels_last: bool = False,
         compile: bool = False,
-        fid_every_n_epochs: int = 0,
-        fid_num_samples: int = 1000,
-        fid_features: Features = "digits",
         likelihood_steps: int = 64,
         likelihood_probes: int = 1,
-        bpd_every_n_epochs: int = 0,
-        bpd_num_images: int = 64,
+        train_sigma_min: float | None = None,
+        train_sigma_max: float | None = None,
         **sampler: Any,
     ):
         super().__init__()
@@ -135,29 +124,31 @@ class KarrasVeModule(L.LightningModule):
                              "ImageDataModule.max_pairwise_distance() returns")
         self.sampler = SamplerSettings(sigma_max=sigma_max, clamp_denoised=clamp_denoised, micro_batch=micro_batch,
                                        **sampler)
-        self.hparams.update(self.sampler.to_dict())  # every setting, flat: weights-only loading reads it back
-        if lr <= 0 or warmup_steps < 0 or min(grid_size, inpaint_grid_images) < 0 or val_num_sigmas < 1:
-            raise ValueError(f"need lr > 0, warmup_steps >= 0, grid_size >= 0, inpaint_grid_images >= 0, "
-                             f"val_num_sigmas >= 1; got lr={lr}, warmup_steps={warmup_steps}, grid_size={grid_size}, "
-                             f"inpaint_grid_images={inpaint_grid_images}, val_num_sigmas={val_num_sigmas}")
+        self.train_sigmas = (self.sampler.sigma_min if train_sigma_min is None else float(train_sigma_min),
+                             self.sampler.sigma_max if train_sigma_max is None else float(train_sigma_max))
+        if not 0 < self.train_sigmas[0] < self.train_sigmas[1] <= MAX_SIGMA:
+            raise ValueError(f"need 0 < train_sigma_min < train_sigma_max <= {MAX_SIGMA:g}, got "
+                             f"train_sigma_min={self.train_sigmas[0]}, train_sigma_max={self.train_sigmas[1]}")
+        self.sampler.check_trained_range(*self.train_sigmas)
+        # every setting flat, and the training range as numbers: weights-only loading reads them back
+        self.hparams.update(self.sampler.to_dict())
+        self.hparams.update(train_sigma_min=self.train_sigmas[0], train_sigma_max=self.train_sigmas[1])
+        if lr <= 0 or warmup_steps < 0 or val_num_sigmas < 1:
+            raise ValueError(f"need lr > 0, warmup_steps >= 0, val_num_sigmas >= 1; got lr={lr}, "
+                             f"warmup_steps={warmup_steps}, val_num_sigmas={val_num_sigmas}")
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got max_bad_steps={max_bad_steps}")
+        if likelihood_steps < 1 or likelihood_probes < 1:
+            raise ValueError(f"need likelihood_steps >= 1, likelihood_probes >= 1; got {likelihood_steps}, "
+                             f"{likelihood_probes}")
         if phema_stds:
             PostHocEMA(phema_stds, phema_every_n_steps)  # checks the settings now, not when fitting starts
         self.denoiser = VEDenoiser(UNet2DModel(**unet_config(image_size, channels, unet)))
-        if fid_every_n_epochs < 0 or fid_num_samples < 2 or fid_features not in FEATURES:
-            raise ValueError(f"need fid_every_n_epochs >= 0, fid_num_samples >= 2, fid_features in {FEATURES}; got "
-                             f"{fid_every_n_epochs}, {fid_num_samples}, {fid_features!r}")
-        if likelihood_steps < 1 or likelihood_probes < 1 or bpd_every_n_epochs < 0 or bpd_num_images < 1:
-            raise ValueError(f"need likelihood_steps >= 1, likelihood_probes >= 1, bpd_every_n_epochs >= 0, "
-                             f"bpd_num_images >= 1; got {likelihood_steps}, {likelihood_probes}, "
-                             f"{bpd_every_n_epochs}, {bpd_num_images}")
-        self._fid: dict[str, Any] = {}  # a plain dict: the FID metric stays out of state_dict
         self._test_bpd: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.skipped_steps = 0
         self.consecutive_bad_steps = 0
-        # fixed validation sigmas, log-spaced over [sigma_min, sigma_max]
-        self.val_sigmas = torch.logspace(math.log10(self.sampler.sigma_min), math.log10(self.sampler.sigma_max),
+        # fixed validation sigmas, log-spaced over the training range: comparable across epochs and sampler settings
+        self.val_sigmas = torch.logspace(math.log10(self.train_sigmas[0]), math.log10(self.train_sigmas[1]),
                                          val_num_sigmas).tolist()
 
     @classmethod
@@ -167,7 +158,7 @@ class KarrasVeModule(L.LightningModule):
         checkpoint = read_checkpoint(ckpt)
         state, hparams = checkpoint["state_dict"], checkpoint["hyper_parameters"]
         try:
-            module = cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+            module = cls(**checkpoint_hparams(hparams))
             module.load_state_dict(state)
         except (TypeError, ValueError, RuntimeError) as err:  # hparams or weights of another model version
             raise ValueError(f"{str(ckpt)!r} does not match KarrasVeModule: {err}") from None
@@ -192,7 +183,7 @@ class KarrasVeModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         y = self._memory_format(batch)
-        losses, sigma = ve_loss(self.denoiser, y, self.sampler.sigma_min, self.sampler.sigma_max)
+        losses, sigma = ve_loss(self.denoiser, y, *self.train_sigmas)
         self._last_sigmas = (sigma.detach(), losses.detach())
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
@@ -252,28 +243,6 @@ class KarrasVeModule(L.LightningModule):
             losses.append(loss)
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=y.shape[0], sync_dist=True)
 
-    def on_validation_epoch_start(self) -> None:
-        """On rank 0: FID every ``fid_every_n_epochs`` epochs, and the sample grid and trajectory strip.
-        Callbacks' hooks run before this one, so the EMA weights are in place; nothing here is collective."""
-        hp = self.hparams
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        if hp.fid_every_n_epochs and (self.current_epoch + 1) % hp.fid_every_n_epochs == 0:
-            self.log("val/fid", self.fid(), rank_zero_only=True)
-        if hp.bpd_every_n_epochs and (self.current_epoch + 1) % hp.bpd_every_n_epochs == 0:
-            held_out = self.trainer.datamodule.val_set
-            images = torch.stack([held_out[i] for i in range(min(hp.bpd_num_images, len(held_out)))])
-            bpd = self.bits_per_dim(torch.arange(len(images)), images.to(self.device))
-            self.log("val/bpd", bpd.mean().item(), rank_zero_only=True)
-        if hp.grid_size and isinstance(self.logger, TensorBoardLogger):
-            grid, strip = self.sample_grid()
-            self.logger.experiment.add_image("samples/grid", grid, self.global_step)
-            self.logger.experiment.add_image("samples/trajectory", strip, self.global_step)
-        if hp.inpaint_grid_images and isinstance(self.logger, TensorBoardLogger):
-            held_out = self.trainer.datamodule.val_set
-            images = torch.stack([held_out[i] for i in range(min(hp.inpaint_grid_images, len(held_out)))])
-            self.logger.experiment.add_image("samples/inpainting", self.inpainting_grid(images), self.global_step)
-
     # ------------------------------------------------------------------ likelihood
 
     def bits_per_dim(self, index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -283,7 +252,7 @@ class KarrasVeModule(L.LightningModule):
         levels = getattr(self.trainer.datamodule, "levels", 256) if self._trainer is not None else 256
         return bits_per_dim_per_image(self.denoiser, images, levels, generator=index_generators(index),
                                       steps=self.hparams.likelihood_steps, num_probes=self.hparams.likelihood_probes,
-                                      sigma_min=self.sampler.sigma_min, sigma_max=self.sampler.sigma_max)
+                                      sigma_min=self.train_sigmas[0], sigma_max=self.train_sigmas[1])
 
     def on_test_epoch_start(self) -> None:
         self._test_bpd = []
@@ -305,68 +274,19 @@ class KarrasVeModule(L.LightningModule):
         self.log("test/bpd", mean, rank_zero_only=True)
         self.log("test/bpd_stderr", stderr, rank_zero_only=True)
 
-    @torch.no_grad()
-    def fid(self) -> float:
-        """FID (``fid_features``) of ``fid_num_samples`` samples (seeds from 10**6) against the training images.
-
-        The real statistics are computed once per process and kept outside the module's state (not checkpointed).
-        """
-        hp = self.hparams
-        if "metric" not in self._fid:
-            train = self.trainer.datamodule.train_set
-            train = train.dataset if isinstance(train, FlipDataset) else train  # no random flips: no global RNG use
-            real = torch.cat(list(DataLoader(train, batch_size=512, generator=torch.Generator())))
-            self._fid["metric"] = build_fid(real, hp.fid_features, device=self.device)
-        metric = self._fid["metric"]
-        metric.reset()
-        seeds = torch.arange(10**6, 10**6 + hp.fid_num_samples)
-        for chunk in seeds.split(256):
-            metric.update(self.sample(chunk).clamp(-1, 1), real=False)
-        return metric.compute().item()
-
-    @torch.no_grad()
-    def sample_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A grid of ``grid_size`` samples (seeds grid_seed, ...) and a strip of x_hat / denoised over the steps
-        for the first ``trajectory_rows`` of them; both [C, H, W] in [0, 1]."""
-        hp = self.hparams
-        rows = min(hp.trajectory_rows, hp.grid_size)
-        num_steps = self.sampler.num_steps
-        keep = set(torch.linspace(0, num_steps - 1, hp.trajectory_cols).round().long().tolist())
-        frames: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        def record(i, sigma_hat, x_hat, denoised):
-            if i in keep:
-                frames.append((x_hat[:rows].clone(), denoised[:rows].clone()))
-
-        seeds = torch.arange(hp.grid_seed, hp.grid_seed + hp.grid_size)
-        images = self.sample(seeds, callback=record)
-        grid = make_grid(to_unit(images), nrow=math.ceil(math.sqrt(hp.grid_size)), padding=1)
-        # rows: x_hat of sample 0, denoised of sample 0, x_hat of sample 1, ...; columns: steps
-        strip = torch.stack([torch.stack([f[j][r] for f in frames]) for r in range(rows) for j in (0, 1)])
-        strip = make_grid(to_unit(strip.flatten(0, 1)), nrow=len(frames), padding=1)
-        return grid, strip
-
-    @torch.no_grad()
-    def inpainting_grid(self, images: torch.Tensor) -> torch.Tensor:
-        """Per image: original | bottom half masked | ``INPAINT_COMPLETIONS`` completions (seeds grid_seed, ...);
-        [C, H, W] in [0, 1]."""
-        mask = parse_mask("bottom", self.hparams.image_size).to(self.device)
-        seeds = [self.hparams.grid_seed + k for k in range(INPAINT_COMPLETIONS)]
-        rows = images.to(self.device).repeat_interleave(len(seeds), 0)
-        x = complete(self.denoiser, rows, mask, seeds * len(images), self.sampler)
-        return inpainting_grid(images, mask.cpu(), x.unflatten(0, (len(images), len(seeds))).cpu())
-
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
     def sample(self, seeds: torch.Tensor | Sequence[int], callback=None, **overrides: Any) -> torch.Tensor:
         """One image per integer seed, each from its own ``torch.Generator``: an image depends only on its seed
         and the sampler settings (the module's, with ``overrides`` of ``SamplerSettings`` fields), not on the batch
-        or rank. In [-1, 1] units, unclamped. No seeds (a predict batch whose images all exist), no images."""
+        or rank. In [-1, 1] units, unclamped. No seeds (a predict batch whose images all exist), no images.
+        Settings that leave the trained noise range are refused (``SamplerSettings.check_trained_range``)."""
         hp = self.hparams
         seeds = [int(s) for s in seeds]
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         settings = self.sampler.replace(**overrides)
+        settings.check_trained_range(*self.train_sigmas)
         shape = (len(seeds), hp.channels, hp.image_size, hp.image_size)
         if not seeds:
             return torch.empty(shape, device=self.device)

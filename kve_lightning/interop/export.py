@@ -13,16 +13,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kve_lightning.images import umask_mode
-from kve_lightning.module import KarrasVeModule
-from kve_lightning.pipeline import KarrasVeLightningPipeline, KarrasVeLightningScheduler
+from kve_lightning.storage import umask_mode
+from kve_lightning.lit.module import KarrasVeModule
+from kve_lightning.interop.pipeline import KarrasVeLightningPipeline, KarrasVeLightningScheduler
 
 
 def module_pipeline(module: KarrasVeModule, **overrides: Any) -> KarrasVeLightningPipeline:
-    """The pipeline of a module: its UNet and its sampler settings with ``overrides`` (``SamplerSettings`` fields)."""
+    """The pipeline of a module: its UNet, its training noise range and its sampler settings with ``overrides``
+    (``SamplerSettings`` fields; refused outside the training range)."""
     settings = module.sampler.replace(**overrides)
-    return KarrasVeLightningPipeline(unet=module.denoiser.unet,
-                                     scheduler=KarrasVeLightningScheduler(**settings.to_dict()))
+    settings.check_trained_range(*module.train_sigmas)
+    scheduler = KarrasVeLightningScheduler(**settings.to_dict(), train_sigma_min=module.train_sigmas[0],
+                                           train_sigma_max=module.train_sigmas[1])
+    return KarrasVeLightningPipeline(unet=module.denoiser.unet, scheduler=scheduler)
 
 
 EXPORT_ENTRIES = {"model_index.json", "unet", "scheduler"}

@@ -1,6 +1,9 @@
-"""The ``kve`` command: LightningCLI over ``KarrasVeModule`` and ``ImageDataModule`` (fit, validate, predict).
+"""``kve fit | validate | test | predict``: LightningCLI over ``KarrasVeModule`` and ``ImageDataModule``.
 
-Two rules on top of LightningCLI's:
+Besides the module's, the data's and the Trainer's options it has the callbacks' groups (``--writer.*`` for
+predict's PNGs, ``--sample_grid.*``, ``--inpaint_grid.*``, ``--fid.*``, ``--bpd.*`` for what validation logs), and the
+names every ``kve`` subcommand shares: ``--seeds`` (the predicted seeds) and ``--out`` (their folder). The rules on
+top of LightningCLI's:
 
 - **A run lives under ``--trainer.default_root_dir``.** A configured ``ModelCheckpoint`` without a ``dirpath``
   writes to ``ROOT/checkpoints``, TensorBoard logs and the saved config go to ``ROOT/lightning_logs``, and
@@ -8,7 +11,7 @@ Two rules on top of LightningCLI's:
   ``ModelCheckpoint``: of Lightning's own, ``ROOT/lightning_logs/version_*/checkpoints``).
 - **With ``--ckpt_path``, the checkpoint's hyper-parameters are the defaults**, and what the config files and flags
   give overrides them: ``--model.num_steps 18`` samples with 18 steps. Architecture settings (UNet, image size,
-  channels) that contradict the checkpoint are an error naming them.
+  channels) and the training noise range that contradict the checkpoint are an error naming them.
 - **``sigma_max: auto``** (``--model.sigma_max auto``) becomes a number before the model is built: the training
   split's largest pairwise distance (Song & Ermon 2020, technique 1), or with ``--ckpt_path`` the checkpoint's own.
   Hyper-parameters, checkpoints, the saved config and exports hold that number.
@@ -22,22 +25,50 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from kve_lightning.checkpoint import read_checkpoint
-from kve_lightning.data import MAX_DISTANCE_IMAGES, ImageDataModule
-from kve_lightning.images import PNGWriter
-from kve_lightning.module import KarrasVeModule, unet_config
+from kve_lightning.cli.common import PARSER_MODE
+from kve_lightning.interop.checkpoint import read_checkpoint
+from kve_lightning.lit.callbacks import FID, BitsPerDim, InpaintingGrid, SampleGrid
+from kve_lightning.lit.data import MAX_DISTANCE_IMAGES, ImageDataModule
+from kve_lightning.lit.module import checkpoint_hparams, unet_config
+from kve_lightning.lit.writer import PNGWriter
+
+# the callbacks every run has, each an option group: `kve predict` writes {seed:06d}.png and grid.png (writer);
+# validation logs the sample grid, the inpainting grid, FID and bits/dim (the last two off by default)
+CALLBACKS = {"writer": PNGWriter, "sample_grid": SampleGrid, "inpaint_grid": InpaintingGrid, "fid": FID,
+             "bpd": BitsPerDim}
+FIXED = ("image_size", "channels", "unet", "train_sigma_min", "train_sigma_max")  # a checkpoint's, never overridden
 
 
 class KveCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        modes = {"parser_mode": PARSER_MODE}
+        super().__init__(*args, parser_kwargs=modes | {s: modes for s in self.subcommands()}, **kwargs)
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        """LightningCLI's subcommands, and the others of ``kve`` listed beside them in ``kve --help`` (``cli_main``
+        runs those before this parser is built)."""
+        from kve_lightning.cli import COMMANDS
+
+        super()._add_subcommands(parser, **kwargs)
+        for name, description in COMMANDS.items():
+            parser._subcommands_action.add_subcommand(name, ArgumentParser(description=description), help=description)
+
     def add_arguments_to_parser(self, parser) -> None:
         # the user sets the image size and channel count once, on the data
         parser.link_arguments("data.image_size", "model.image_size")
         parser.link_arguments("data.channels", "model.channels")
-        # `kve predict` writes {seed:06d}.png and grid.png into --writer.output_dir
-        parser.add_lightning_class_args(PNGWriter, "writer")
+        for name, callback in CALLBACKS.items():
+            parser.add_lightning_class_args(callback, name)
+        # the names every kve subcommand gives the seeds and the sample folder
+        parser.add_argument("--seeds", default="0-63", help='the seeds `kve predict` samples, one image each: "0-63", '
+                                                             '"0-9,20"')
+        parser.add_argument("--out", default="samples", help="the folder `kve predict` writes its PNGs to")
+        parser.link_arguments("seeds", "data.predict_seeds")
+        parser.link_arguments("out", "writer.output_dir")
 
     def parse_arguments(self, parser, args) -> None:
         """Parse; with ``--ckpt_path``, read the checkpoint (weights-only, ``read_checkpoint``), make its
@@ -54,7 +85,7 @@ class KveCLI(LightningCLI):
                                  "of arbitrary objects); convert an old checkpoint with torch.load yourself if you "
                                  "trust it")
             path = resolve_ckpt_path(config)
-            hparams = read_checkpoint(path)["hyper_parameters"]
+            hparams = checkpoint_hparams(read_checkpoint(path)["hyper_parameters"])
             set_checkpoint_defaults(self._parser(subcommand), hparams, path)
             super().parse_arguments(parser, args)
             config = self.config[subcommand] if subcommand else self.config
@@ -155,7 +186,7 @@ def set_checkpoint_defaults(parser, hparams: dict[str, Any], path: Path) -> None
     """Make a checkpoint's hyper-parameters the defaults of ``--model.*`` (and of the data's image size and channel
     count, which the model's follow)."""
     linked = ("image_size", "channels")
-    defaults = {f"model.{k}": v for k, v in hparams.items() if not k.startswith("_") and k not in linked}
+    defaults = {f"model.{k}": v for k, v in hparams.items() if k not in linked}
     defaults |= {f"data.{k}": hparams[k] for k in linked if k in hparams}
     known = {action.dest for action in parser._actions}
     unknown = [k for k in defaults if k not in known]
@@ -165,37 +196,17 @@ def set_checkpoint_defaults(parser, hparams: dict[str, Any], path: Path) -> None
 
 
 def check_architecture(model, hparams: dict[str, Any], path: Path) -> None:
-    """A ``ValueError`` naming each architecture setting of ``model`` (the parsed ``--model`` group) that differs
-    from the checkpoint's."""
-    def normalized(image_size, channels, unet) -> dict[str, Any]:
-        return json.loads(json.dumps({"image_size": image_size, "channels": channels}
-                                     | unet_config(image_size, channels, unet)))
+    """A ``ValueError`` naming each setting of ``model`` (the parsed ``--model`` group) that is the checkpoint's
+    own (``FIXED``: the architecture and the training noise range) and differs from it."""
+    def normalized(settings) -> dict[str, Any]:
+        unet = unet_config(settings.get("image_size"), settings.get("channels"), settings.get("unet"))
+        return json.loads(json.dumps({k: settings.get(k) for k in FIXED if k != "unet"} | unet))
 
-    here = normalized(model.image_size, model.channels, model.unet)
-    there = normalized(hparams.get("image_size"), hparams.get("channels"), hparams.get("unet"))
+    here, there = normalized(dict(model)), normalized(hparams)
     renamed = {"sample_size", "in_channels", "out_channels"}  # the same as image_size and channels
     diff = [f"{k}={here.get(k)!r} here but {there.get(k)!r} in the checkpoint"
             for k in sorted(here.keys() | there.keys()) if k not in renamed and here.get(k) != there.get(k)]
     if diff:
         raise ValueError(f"the configured model does not fit checkpoint {str(path)!r}: {'; '.join(diff)} (leave "
-                         f"--model.unet, --data.image_size and --data.channels out to take the checkpoint's)")
-
-
-def cli_main(args: list[str] | None = None) -> None:
-    """Entry point of ``kve`` and ``python -m kve_lightning``; ``args`` replaces ``sys.argv[1:]``.
-
-    Bad input (a ``ValueError`` or ``OSError`` naming the value) ends in one line on stderr and exit code 2; a
-    diverged training run (``max_bad_steps`` non-finite steps in a row) in one line and exit code 3, its earlier
-    checkpoints kept. ``KVE_TRACEBACK=1`` shows the whole traceback instead.
-    """
-    try:
-        KveCLI(KarrasVeModule, ImageDataModule, save_config_kwargs={"overwrite": True}, args=args)
-    except (ValueError, OSError, FloatingPointError) as err:
-        if os.environ.get("KVE_TRACEBACK") == "1":
-            raise
-        print(f"kve: error: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(3 if isinstance(err, FloatingPointError) else 2)
-
-
-if __name__ == "__main__":
-    cli_main()
+                         f"--model.unet, --model.train_sigma_*, --data.image_size and --data.channels out to take the "
+                         f"checkpoint's; --model.sigma_min/sigma_max set the sampler's range only)")

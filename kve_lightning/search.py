@@ -1,4 +1,4 @@
-"""``kve-tune``: search S_churn, S_tmin, S_tmax, S_noise of EDM Algorithm 2 at a fixed NFE on common random numbers.
+"""The search behind ``kve tune``: search S_churn, S_tmin, S_tmax, S_noise of EDM Algorithm 2 at a fixed NFE on common random numbers.
 
 EDM (Karras et al. 2022, Sec. 4, Appendix E.2) tuned the stochasticity per model by grid search and noted that the
 search is noisy. Here every arm samples the same seeds (``module.sample`` / the pipeline draw x_0 and every step's
@@ -11,7 +11,6 @@ S_churn, S_noise by steps), keep going while the FID drops, shrink the steps whe
 from __future__ import annotations
 
 import io
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -20,14 +19,9 @@ from typing import Callable, Sequence
 
 import torch
 import yaml
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from kve_lightning.commands import (add_device_argument, add_sampler_arguments, fail, load_model, model_parser,
-                                    parse_device, sampler_overrides, writable_file)
-from kve_lightning.data import DATASETS, ImageDataModule
-from kve_lightning.images import save_atomic
-from kve_lightning.metrics import feature_moments, feature_net, frechet_distance, matrix_sqrt
+from kve_lightning.storage import save_atomic
+from kve_lightning.metrics import feature_moments, frechet_distance, matrix_sqrt
 from kve_lightning.sampling import GAMMA_MAX, SamplerSettings
 
 SEARCHED = ("s_churn", "s_min", "s_max", "s_noise")
@@ -228,124 +222,3 @@ def winner_yaml(settings: SamplerSettings, fixed: dict, header: list[str]) -> st
     model = {"num_steps": settings.num_steps} | {name: getattr(settings, name) for name in SEARCHED}
     model |= {k: getattr(settings, k) for k in fixed if k not in model}
     return "".join(f"# {line}\n" for line in header) + yaml.safe_dump({"model": model}, sort_keys=False)
-
-
-def num_steps_for(nfe: int, solver: str) -> int:
-    """N for a number of network evaluations: NFE = 2N - 1 with Heun, N with Euler."""
-    steps = (nfe + 1) // 2 if solver == "heun" else nfe
-    if steps < 2 or (solver == "heun" and nfe % 2 == 0):
-        rule = "2N - 1 (odd, >= 3)" if solver == "heun" else "N (>= 2)"
-        raise ValueError(f"--nfe {nfe} is not reachable with the {solver} solver: NFE = {rule}")
-    return steps
-
-
-TUNE_DOC = """Tune the sampler's stochasticity (S_churn, S_tmin, S_tmax, S_noise) of a trained model at a fixed NFE.
-
-    kve-tune --ckpt runs/digits/checkpoints/last.ckpt --nfe 35 --n 1000 --budget 10 --out best.yaml
-    kve-sample --ckpt runs/digits/checkpoints/last.ckpt --config best.yaml --out samples/tuned --grid
-
-Every arm samples the same --n seeds (common random numbers: the same initial noise and the same churn noise per
-seed), so arms differ only by their settings. The first arm is EDM Table 5's VE settings (80 / 0.05 / 1 / 1.007);
-then a compass search moves one setting at a time, keeping moves that lower the FID (against the data set's images,
---metric), with finer steps when none does, until --budget minutes would be exceeded (estimated from the arm times).
-Each arm's FID difference to Table 5 gets a paired bootstrap interval (the same resampled seeds for both arms, the
-real statistics fixed). Prints a table, writes a plot (--plot) and the best arm as a YAML config (--out: `model:`
-with num_steps and the settings) for `kve predict --config`, `kve-sample --config` and `kve-export --config`.
-Sampler flags fix settings: the model's own for the rest (a searched one given is left out of the search).
-"""
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``kve-tune``."""
-    p = model_parser("kve-tune", TUNE_DOC)
-    p.add_argument("--nfe", type=int, default=35, help="network evaluations per image (default 35: N = 18 Heun)")
-    p.add_argument("--metric", default="fid-digits", choices=tuple(METRICS),
-                   help="fid-digits (offline, default) or fid-inception (needs torch-fidelity and its weights)")
-    p.add_argument("--n", type=int, default=1000, help="samples per arm: seeds --seed to --seed + n - 1 (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="the first seed; also seeds the bootstrap (default 0)")
-    p.add_argument("--budget", type=float, default=10.0, help="minutes of wall time (default 10)")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
-    p.add_argument("--confidence", type=float, default=0.95, help="of the percentile intervals (default 0.95)")
-    p.add_argument("--out", default="best.yaml", help="the YAML config to write (default best.yaml)")
-    p.add_argument("--plot", default=None, help="the plot to write (default: --out with .png)")
-    p.add_argument("--dataset", default="digits", choices=DATASETS, help="the real images' data set (default digits)")
-    p.add_argument("--root", default="data", help="where a torchvision data set or an image folder lives")
-    p.add_argument("--batch-size", type=int, default=500, help="images sampled at once (default 500)")
-    add_device_argument(p)
-    add_sampler_arguments(p)
-    args = p.parse_args(argv)
-    began = time.monotonic()
-    try:
-        for name in ("n", "bootstrap", "batch_size"):
-            if getattr(args, name) < (2 if name == "n" else 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {2 if name == 'n' else 1}, "
-                                 f"got {getattr(args, name)}")
-        if not args.budget > 0 or not math.isfinite(args.budget):
-            raise ValueError(f"--budget must be a positive number of minutes, got {args.budget}")
-        if not 0 < args.confidence < 1:
-            raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
-        if not 0 <= args.seed <= 2**63 - args.n:
-            raise ValueError(f"--seed {args.seed}: seeds must lie in [0, 2**63)")
-        fixed = sampler_overrides(args)
-        if "num_steps" in fixed:
-            raise ValueError(f"num_steps={fixed['num_steps']} is set by --nfe here: give --nfe instead")
-        searched = [name for name in SEARCHED if name not in fixed]
-        if not searched:
-            raise ValueError(f"nothing to search: all of {list(SEARCHED)} are fixed by flags or --config")
-        out = writable_file(Path(args.out), "--out")
-        plot_path = writable_file(Path(args.plot) if args.plot else out.with_suffix(".png"), "--plot")
-        device = parse_device(args.device)
-        sample, stored, denoiser = load_model(args)
-        unet = denoiser.unet
-        settings = stored.replace(**fixed)
-        settings = settings.replace(num_steps=num_steps_for(args.nfe, settings.solver))
-        baseline = settings.replace(**{name: getattr(SamplerSettings(), name) for name in searched})  # Table 5
-        net = feature_net(METRICS[args.metric]).to(device)
-        data = ImageDataModule(dataset=args.dataset, root=args.root, image_size=int(unet.config.sample_size),
-                               channels=int(unet.config.in_channels))
-        real = data.full_dataset()
-    except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: fid-inception without torch-fidelity/weights
-        fail(p, err)
-    with torch.no_grad():
-        real_features = torch.cat([net(batch.to(device)).double().cpu() for batch in tqdm(
-            DataLoader(real, batch_size=args.batch_size), desc="real features", unit="batch")])
-    scorer = Scorer.from_real(real_features, args.n, args.bootstrap, args.seed)
-    seeds = list(range(args.seed, args.seed + args.n))
-
-    @torch.no_grad()
-    def evaluate(arm: SamplerSettings) -> torch.Tensor:
-        features = []
-        with tqdm(total=args.n, unit="img", desc="arm", leave=False) as bar:
-            for first in range(0, args.n, args.batch_size):
-                batch = seeds[first:first + args.batch_size]
-                features.append(net(sample(batch, **arm.to_dict()).to(device) * 2 - 1).double().cpu())
-                bar.update(len(batch))
-        return torch.cat(features)
-
-    def report(arm: Arm, best: Arm) -> None:
-        s = arm.settings
-        tqdm.write(f"S_churn {s.s_churn:g}, S_tmin {s.s_min:g}, S_tmax {s.s_max:g}, S_noise {s.s_noise:g}: "
-                   f"{args.metric} {arm.fid:.2f} ({arm.seconds:.0f} s; best {best.fid:.2f})", file=sys.stderr)
-
-    budget_s = args.budget * 60 - (time.monotonic() - began)
-    arms = tune(evaluate, scorer, baseline, searched, budget_s, report=report)
-    paired_intervals(arms, args.confidence)
-    best = min(arms, key=lambda a: a.fid)
-    pct = f"{args.confidence:.0%}"
-    summary = (f"{args.metric}, {args.n} samples per arm (seeds {seeds[0]}-{seeds[-1]} in every arm), NFE {args.nfe} "
-               f"(N = {settings.num_steps}, {settings.solver}), {len(arms)} arms in "
-               f"{(time.monotonic() - began) / 60:.1f} min")
-    verdict = (f"best {best.fid:.2f} vs Table 5 {arms[0].fid:.2f}: difference {best.diff:+.2f}, {pct} paired bootstrap "
-               f"interval [{best.interval[0]:+.2f}, {best.interval[1]:+.2f}] over {args.bootstrap} resamples")
-    print(f"{summary}\n\n{format_table(arms, best, args.confidence)}\n\n{verdict}")
-    header = [f"kve-tune: the best of {len(arms)} arms by compass search from EDM Table 5's VE settings;",
-              f"model {args.ckpt or args.model}; {summary};", f"{verdict}."]
-    text = winner_yaml(best.settings, fixed, header)
-    save_atomic(out, lambda f: f.write(text.encode()))
-    plot(arms, best, f"{args.metric}, n = {args.n}, NFE {args.nfe}: best - Table 5 = {best.diff:+.2f}, "
-                     f"{pct} interval [{best.interval[0]:+.2f}, {best.interval[1]:+.2f}]", plot_path)
-    print(f"wrote {out} and {plot_path}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

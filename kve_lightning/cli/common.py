@@ -1,0 +1,257 @@
+"""What every ``kve`` subcommand shares: the jsonargparse parser of a command function, its YAML loader, the one-line
+errors, and reading a trained model from ``--ckpt_path`` or ``--pipeline``.
+
+A command is a module of ``kve_lightning.cli`` with ``DOC`` (the description) and ``run(...)``, whose parameters and
+``Args:`` entries become its options, as ``kve fit``'s come from the classes' signatures. ``run`` raises a
+``ValueError`` or ``OSError`` naming the bad value before it writes anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from dataclasses import dataclass, fields, is_dataclass
+from importlib import import_module
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import torch
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, set_loader
+from jsonargparse._loaders_dumpers import get_yaml_default_loader
+
+from kve_lightning.denoiser import VEDenoiser
+from kve_lightning.lit.data import DatasetName, ImageDataModule
+from kve_lightning.sampling import SamplerSettings, bounded_repr
+
+PARSER_MODE = "kve"  # jsonargparse's YAML, refusing duplicate keys
+# the sections of a `kve fit` config that the other subcommands do not take: they read its sampler settings only
+FIT_SECTIONS = frozenset({"seed_everything", "trainer", "data", "optimizer", "lr_scheduler", "writer", "sample_grid",
+                          "inpaint_grid", "fid", "bpd"})
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+def _loader_class() -> type:
+    """jsonargparse's YAML loader (safe; YAML 1.2 floats such as 1e-2), refusing a key given twice in a mapping."""
+    class Loader(get_yaml_default_loader()):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+            repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+            if repeated:
+                raise DuplicateKeyError(f"the key {bounded_repr(repeated[0])} is given twice in one mapping "
+                                        f"(line {node.start_mark.line + 1})")
+            return super().construct_mapping(node, deep)
+    return Loader
+
+
+LOADER = _loader_class()
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=LOADER)
+
+
+set_loader(PARSER_MODE, load_yaml, exceptions=(yaml.YAMLError,))
+
+
+def error_line(err: BaseException) -> str:
+    """The error's message on one line, each value in it already bounded (``bounded_repr``)."""
+    return " ".join(str(err).split())[:2000]
+
+
+def fail(prog: str, err: BaseException) -> NoReturn:
+    """One line on stderr, exit code 2 (``KVE_TRACEBACK=1``: the traceback instead)."""
+    if os.environ.get("KVE_TRACEBACK") == "1":
+        raise err
+    print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
+    sys.exit(2)
+
+
+@dataclass
+class DataSource:
+    """The images of a data module, as `kve fit` configured them (``--data.*``); ``None``: the checkpoint's own.
+
+    Args:
+        dataset: "digits", "mnist", "fashion_mnist", "cifar10" or "folder" (default: the checkpoint's, else digits).
+        root: where a torchvision data set or an image folder lives (default: the checkpoint's, else "data").
+        val_fraction: the fraction held out for validation (default: the checkpoint's, else 0.1).
+        split_seed: the seed of the validation split (default: the checkpoint's, else 0).
+    """
+
+    dataset: DatasetName | None = None
+    root: str | None = None
+    val_fraction: float | None = None
+    split_seed: int | None = None
+
+    def data_module(self, model: Model) -> ImageDataModule:
+        """The data module of these settings over the checkpoint's, at the model's image size and channels."""
+        given = {k: v for k, v in vars(self).items() if v is not None}
+        stored = {k: model.datamodule[k] for k in vars(self) if k in model.datamodule}
+        return ImageDataModule(**stored | given, image_size=model.image_size, channels=model.channels)
+
+
+def sampler_section(config: dict[str, Any], accepted: set[str]) -> dict[str, Any]:
+    """A config file as a command that samples reads it: a `kve fit` config (or `kve tune`'s output) keeps its
+    ``model:`` sampler settings, its ``data:`` source (``DataSource``) and the keys the command shares with `kve fit`
+    (``ckpt_path``, ``seeds``, ``out``); its other sections and training settings are dropped. Anything else stays,
+    for the parser to refuse."""
+    from kve_lightning.lit.module import KarrasVeModule
+
+    training = set(inspect.signature(KarrasVeModule).parameters) - {f.name for f in fields(SamplerSettings)}
+    sections = {"model": lambda k: k not in training, "data": lambda k: k in DataSource.__dataclass_fields__}
+    config = {k: v for k, v in config.items() if k in accepted or k not in FIT_SECTIONS}
+    for section, keep in sections.items():
+        if isinstance(config.get(section), dict):
+            config[section] = {k: v for k, v in config[section].items() if keep(k)}
+    if isinstance(config.get("model"), dict) and config["model"].get("sigma_max") == "auto":
+        del config["model"]["sigma_max"]  # auto: the model's own, as with `kve fit --ckpt_path`
+    return config
+
+
+def command_parser(name: str) -> tuple[ArgumentParser, Callable[..., None]]:
+    """The parser of ``kve NAME`` and its ``run``: ``--config``, ``--print_config``, one option per parameter of
+    ``run`` (its help from the ``Args:`` entry), and, if ``run`` takes ``model``, one ``--model.FIELD`` per
+    ``SamplerSettings`` field, defaulting to the model's own setting."""
+    command = import_module(f"kve_lightning.cli.{name}")
+    accepted = set(inspect.signature(command.run).parameters)
+    samples = "model" in accepted
+    set_loader(f"{PARSER_MODE}-{name}", lambda text: _filtered(load_yaml(text), samples, accepted),
+               exceptions=(yaml.YAMLError,))
+    parser = ArgumentParser(prog=f"kve {name}", description=command.DOC, parser_mode=f"{PARSER_MODE}-{name}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter, exit_on_error=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile,
+                        help="a YAML file of these options" + (
+                            "; a `kve fit` config or `kve tune`'s output gives its model: sampler settings"
+                            if samples else ""))
+    parser.add_function_arguments(command.run, skip={"model"}, as_group=False)
+    if samples:
+        parser.add_class_arguments(SamplerSettings, "model", instantiate=False, sub_configs=False)
+        parser.set_defaults({f"model.{f.name}": None for f in fields(SamplerSettings)})
+    return parser, command.run
+
+
+def _filtered(value: Any, samples: bool, accepted: set[str]) -> Any:
+    return sampler_section(value, accepted) if samples and isinstance(value, dict) else value
+
+
+def run_command(name: str, argv: list[str]) -> None:
+    """``kve NAME ARGV``: parse, then ``run``; bad input ends in one line and exit code 2."""
+    prog = f"kve {name}"
+    try:
+        parser, run = command_parser(name)
+        config = parser.parse_args(argv).as_dict()
+    except (argparse.ArgumentError, ValueError, OSError, yaml.YAMLError) as err:
+        fail(prog, err)
+    config.pop("config", None)
+    if "model" in config:
+        config["model"] = {k: v for k, v in (config["model"] or {}).items() if v is not None}
+    for key, parameter in inspect.signature(run).parameters.items():  # option groups of a dataclass: DataSource
+        if is_dataclass(parameter.default):
+            config[key] = type(parameter.default)(**config[key])
+    try:
+        run(**config)
+    except (ValueError, OSError) as err:
+        fail(prog, err)
+
+
+# ------------------------------------------------------------------------------------------------ trained models
+
+
+@dataclass
+class Model:
+    """A trained model as the commands use it: ``sample(seeds, settings)`` -> images [B, C, H, W] in [0, 1] (the same
+    from a checkpoint and its export), its stored sampler settings, its denoiser (frozen, EMA weights), the noise range
+    it was trained on, and where it came from."""
+
+    sample: Callable[[list[int], SamplerSettings], torch.Tensor]
+    settings: SamplerSettings
+    denoiser: VEDenoiser
+    trained: tuple[float, float]
+    source: str
+    datamodule: dict[str, Any]
+
+    def settings_with(self, overrides: dict[str, Any]) -> SamplerSettings:
+        """The stored settings with ``overrides``, refused outside the trained noise range."""
+        settings = self.settings.replace(**overrides)
+        settings.check_trained_range(*self.trained)
+        return settings
+
+    @property
+    def image_size(self) -> int:
+        return int(self.denoiser.unet.config.sample_size)
+
+    @property
+    def channels(self) -> int:
+        return int(self.denoiser.unet.config.in_channels)
+
+
+def load_model(ckpt_path: str | None, pipeline: str | None, device: torch.device) -> Model:
+    """The model of exactly one of ``ckpt_path`` (a `kve fit` checkpoint, read weights-only) and ``pipeline`` (a
+    folder written by `kve export`: safetensors and JSON), on ``device``."""
+    from kve_lightning.interop.checkpoint import read_checkpoint
+    from kve_lightning.lit.module import KarrasVeModule
+    from kve_lightning.storage import to_unit
+
+    if (ckpt_path is None) == (pipeline is None):
+        raise ValueError("give exactly one of --ckpt_path (a checkpoint of `kve fit`) and --pipeline (a folder of "
+                         "`kve export`)")
+    if ckpt_path is not None:
+        module = KarrasVeModule.from_checkpoint(ckpt_path).to(device)
+        datamodule = dict(read_checkpoint(ckpt_path).get("datamodule_hyper_parameters") or {})
+        return Model(lambda seeds, s: to_unit(module.sample(seeds, **s.to_dict())), module.sampler,
+                     module.denoiser.requires_grad_(False), module.train_sigmas, str(ckpt_path), datamodule)
+    pipe = load_pipeline(pipeline, device)
+    return Model(lambda seeds, s: pipe(seeds=seeds, output_type="pt", **s.to_dict()).images, pipe.scheduler.settings,
+                 VEDenoiser(pipe.unet).requires_grad_(False), pipe.scheduler.trained, str(pipeline), {})
+
+
+def load_pipeline(folder: str | Path, device: torch.device):
+    """The pipeline an exported folder holds, read from safetensors and JSON only (``use_safetensors=True``)."""
+    from kve_lightning.interop.pipeline import KarrasVeLightningPipeline
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--pipeline {str(path)!r} " + (
+            "is a file, not a folder written by `kve export`" if path.exists() else "does not exist"))
+    try:
+        pipe = KarrasVeLightningPipeline.from_pretrained(path, use_safetensors=True)
+    except Exception as err:  # missing parts, corrupt JSON or safetensors, another pipeline's folder
+        raise ValueError(f"cannot load --pipeline {str(path)!r}: {err}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def parse_device(name: str | None) -> torch.device:
+    """A torch device that exists here (``None``: cuda if available, else cpu); a ``ValueError`` naming it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {bounded_repr(name)} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    missing_cuda = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    if not available.get(device.type, True) or missing_cuda:
+        raise ValueError(f"--device {bounded_repr(name)} is not available on this machine")
+    return device
+
+
+def writable_file(path: str | Path, flag: str) -> Path:
+    """``path``, the value of ``flag``, if a file can be written there: not a folder, in an existing folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {str(path)!r} is a directory, not a file")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder of {flag} {str(path)!r} does not exist")
+    return path
+
+
+def at_least(flag: str, value: int | float, low: int | float) -> None:
+    """A ``ValueError`` naming ``flag`` unless ``value`` >= ``low``."""
+    if not value >= low:
+        raise ValueError(f"{flag} must be >= {low}, got {bounded_repr(value)}")

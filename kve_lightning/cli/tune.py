@@ -1,0 +1,135 @@
+"""``kve tune``: S_churn, S_tmin, S_tmax, S_noise of EDM Algorithm 2 searched at a fixed NFE (``kve_lightning.search``)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from kve_lightning.cli.common import DataSource, at_least, load_model, parse_device, writable_file
+from kve_lightning.metrics import feature_net
+from kve_lightning.sampling import SamplerSettings
+from kve_lightning.search import METRICS, SEARCHED, Arm, Scorer, format_table, paired_intervals, tune, winner_yaml
+from kve_lightning.search import plot as plot_arms
+from kve_lightning.storage import save_atomic
+
+DOC = """Tune the sampler's stochasticity (S_churn, S_tmin, S_tmax, S_noise) of a trained model at a fixed NFE.
+
+    kve tune --ckpt_path runs/digits/checkpoints/last.ckpt --nfe 35 --n 1000 --budget 10 --out best.yaml
+    kve sample --ckpt_path runs/digits/checkpoints/last.ckpt --config best.yaml --out samples/tuned --grid true
+
+Every arm samples the same --n seeds (common random numbers: the same initial noise and the same churn noise per
+seed), so arms differ only by their settings. The first arm is EDM Table 5's VE settings (80 / 0.05 / 1 / 1.007);
+then a compass search moves one setting at a time, keeping moves that lower the FID (against the data set's images,
+--metric), with finer steps when none does, until --budget minutes would be exceeded (estimated from the arm times).
+Each arm's FID difference to Table 5 gets a paired bootstrap interval (the same resampled seeds for both arms, the
+real statistics fixed). Prints a table, writes a plot (--plot) and the best arm as a YAML config (--out: `model:`
+with num_steps and the settings) for the --config of `kve predict`, `kve sample` and `kve export`. --model.* flags
+fix settings: the model's own for the rest (a searched one given is left out of the search).
+"""
+
+
+def num_steps_for(nfe: int, solver: str) -> int:
+    """N for a number of network evaluations: NFE = 2N - 1 with Heun, N with Euler."""
+    steps = (nfe + 1) // 2 if solver == "heun" else nfe
+    if steps < 2 or (solver == "heun" and nfe % 2 == 0):
+        rule = "2N - 1 (odd, >= 3)" if solver == "heun" else "N (>= 2)"
+        raise ValueError(f"--nfe {nfe} is not reachable with the {solver} solver: NFE = {rule}")
+    return steps
+
+
+def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35,
+        metric: Literal["fid-digits", "fid-inception"] = "fid-digits", n: int = 1000, seed: int = 0, budget: float = 10.0, bootstrap: int = 200,
+        confidence: float = 0.95, out: str = "best.yaml", plot: str | None = None,
+        data: DataSource = DataSource(), batch_size: int = 500, device: str | None = None,
+        model: dict[str, Any] | None = None) -> None:
+    """Search, print the table, write the best arm's config and the plot.
+
+    Args:
+        ckpt_path: a checkpoint written by `kve fit` (read weights-only).
+        pipeline: a folder written by `kve export`, instead of ``ckpt_path``.
+        nfe: network evaluations per image (35: N = 18 Heun steps).
+        metric: "fid-digits" (offline) or "fid-inception" (needs torch-fidelity and its weights).
+        n: samples per arm: seeds ``seed`` to ``seed + n - 1``.
+        seed: the first seed; also seeds the bootstrap.
+        budget: minutes of wall time.
+        bootstrap: bootstrap resamples.
+        confidence: of the percentile intervals.
+        out: the YAML config to write.
+        plot: the plot to write (default: ``out`` with .png).
+        data: the real images' data set (all of it; default: the checkpoint's).
+        batch_size: images sampled at once.
+        device: the torch device (default: cuda if available, else cpu).
+    """
+    began = time.monotonic()
+    for flag, value, low in (("--n", n, 2), ("--bootstrap", bootstrap, 1), ("--batch_size", batch_size, 1)):
+        at_least(flag, value, low)
+    if not budget > 0 or not math.isfinite(budget):
+        raise ValueError(f"--budget must be a positive number of minutes, got {budget}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"--confidence must be in (0, 1), got {confidence}")
+    if not 0 <= seed <= 2**63 - n:
+        raise ValueError(f"--seed {seed}: seeds must lie in [0, 2**63)")
+    fixed = dict(model or {})
+    if "num_steps" in fixed:
+        raise ValueError(f"num_steps={fixed['num_steps']} is set by --nfe here: give --nfe instead")
+    searched = [name for name in SEARCHED if name not in fixed]
+    if not searched:
+        raise ValueError(f"nothing to search: all of {list(SEARCHED)} are fixed by --model.* or --config")
+    out = writable_file(out, "--out")
+    plot_path = writable_file(plot if plot else out.with_suffix(".png"), "--plot")
+    device = parse_device(device)
+    trained = load_model(ckpt_path, pipeline, device)
+    settings = trained.settings_with(fixed)
+    settings = settings.replace(num_steps=num_steps_for(nfe, settings.solver))
+    baseline = settings.replace(**{name: getattr(SamplerSettings(), name) for name in searched})  # Table 5
+    try:
+        net = feature_net(METRICS[metric]).to(device)
+    except RuntimeError as err:  # fid-inception without torch-fidelity or its weights
+        raise ValueError(str(err)) from None
+    real = data.data_module(trained).full_dataset()
+    with torch.no_grad():
+        real_features = torch.cat([net(batch.to(device)).double().cpu() for batch in tqdm(
+            DataLoader(real, batch_size=batch_size), desc="real features", unit="batch")])
+    scorer = Scorer.from_real(real_features, n, bootstrap, seed)
+    seeds = list(range(seed, seed + n))
+
+    @torch.no_grad()
+    def evaluate(arm: SamplerSettings) -> torch.Tensor:
+        features = []
+        with tqdm(total=n, unit="img", desc="arm", leave=False) as bar:
+            for first in range(0, n, batch_size):
+                batch = seeds[first:first + batch_size]
+                features.append(net(trained.sample(batch, arm).to(device) * 2 - 1).double().cpu())
+                bar.update(len(batch))
+        return torch.cat(features)
+
+    def report(arm: Arm, best: Arm) -> None:
+        s = arm.settings
+        tqdm.write(f"S_churn {s.s_churn:g}, S_tmin {s.s_min:g}, S_tmax {s.s_max:g}, S_noise {s.s_noise:g}: "
+                   f"{metric} {arm.fid:.2f} ({arm.seconds:.0f} s; best {best.fid:.2f})", file=sys.stderr)
+
+    budget_s = budget * 60 - (time.monotonic() - began)
+    arms = tune(evaluate, scorer, baseline, searched, budget_s, report=report)
+    paired_intervals(arms, confidence)
+    best = min(arms, key=lambda a: a.fid)
+    pct = f"{confidence:.0%}"
+    summary = (f"{metric}, {n} samples per arm (seeds {seeds[0]}-{seeds[-1]} in every arm), NFE {nfe} "
+               f"(N = {settings.num_steps}, {settings.solver}), {len(arms)} arms in "
+               f"{(time.monotonic() - began) / 60:.1f} min")
+    verdict = (f"best {best.fid:.2f} vs Table 5 {arms[0].fid:.2f}: difference {best.diff:+.2f}, {pct} paired bootstrap "
+               f"interval [{best.interval[0]:+.2f}, {best.interval[1]:+.2f}] over {bootstrap} resamples")
+    print(f"{summary}\n\n{format_table(arms, best, confidence)}\n\n{verdict}")
+    header = [f"kve-tune: the best of {len(arms)} arms by compass search from EDM Table 5's VE settings;",
+              f"model {trained.source}; {summary};", f"{verdict}."]
+    text = winner_yaml(best.settings, fixed, header)
+    save_atomic(out, lambda f: f.write(text.encode()))
+    plot_arms(arms, best, f"{metric}, n = {n}, NFE {nfe}: best - Table 5 = {best.diff:+.2f}, "
+                     f"{pct} interval [{best.interval[0]:+.2f}, {best.interval[1]:+.2f}]", plot_path)
+    print(f"wrote {out} and {plot_path}", file=sys.stderr)
+

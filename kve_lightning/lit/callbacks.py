@@ -1,0 +1,193 @@
+"""What validation shows besides its loss, one ``Callback`` each: the sample grid and its denoising trajectory, the
+inpainting grid, FID and bits/dim.
+
+Each runs on rank 0 every ``every_n_epochs`` validation epochs (never in the sanity check) with the weights
+validation uses: the EMA's, where a ``WeightAveraging`` callback (``kve_lightning.lit.ema.EMA``) swaps them in. The
+``kve`` CLI adds all four (``--sample_grid.*``, ``--inpaint_grid.*``, ``--fid.*``, ``--bpd.*``); in Python, pass them to the
+``Trainer`` like any callback. Nothing here is collective.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid
+
+from kve_lightning.lit.data import FlipDataset
+from kve_lightning.masks import MASK_SPECS, complete, inpainting_grid, parse_mask
+from kve_lightning.metrics import Features, build_fid
+from kve_lightning.storage import to_unit
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
+
+
+def held_out_images(trainer: L.Trainer, count: int) -> torch.Tensor:
+    """The first ``count`` images of the data module's held-out split, [N, C, H, W] in [-1, 1]."""
+    held_out = trainer.datamodule.val_set
+    return torch.stack([held_out[i] for i in range(min(count, len(held_out)))])
+
+
+class Evaluation(Callback):
+    """Runs ``evaluate`` on rank 0 every ``every_n_epochs`` validation epochs, where the averaged weights are in
+    place: at the epoch's start if every ``WeightAveraging`` callback comes before this one (it has swapped them in
+    by then), else at its end (before those after this one swap them out again)."""
+
+    def __init__(self, every_n_epochs: int):
+        _at_least("every_n_epochs", every_n_epochs, 0)
+        self.every_n_epochs = every_n_epochs
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+    def _averaging_after_me(self, trainer: L.Trainer) -> bool:
+        callbacks = trainer.callbacks
+        return any(isinstance(c, WeightAveraging) for c in callbacks[callbacks.index(self) + 1:])
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        due = self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if due and not trainer.sanity_checking and trainer.is_global_zero:
+            self.evaluate(trainer, pl_module)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._averaging_after_me(trainer):
+            self._run(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._averaging_after_me(trainer):
+            self._run(trainer, pl_module)
+
+
+class SampleGrid(Evaluation):
+    """Logs ``samples/grid`` (``size`` samples, seeds ``seed``, ``seed`` + 1, ...) and ``samples/trajectory`` (x_hat
+    and D(x_hat) at ``trajectory_cols`` steps for the first ``trajectory_rows`` of them) to TensorBoard.
+
+    Args:
+        size: samples in the grid (0: none).
+        seed: the first seed; sample k uses seed + k, so the grid is the same images as ``kve sample --seeds``.
+        trajectory_rows: samples whose denoising trajectory is shown beside the grid.
+        trajectory_cols: steps shown per trajectory.
+        every_n_epochs: log every n validation epochs (0: never).
+    """
+
+    def __init__(self, size: int = 64, seed: int = 0, trajectory_rows: int = 4, trajectory_cols: int = 8,
+                 every_n_epochs: int = 1):
+        super().__init__(every_n_epochs)
+        for name, value, low in (("size", size, 0), ("seed", seed, 0), ("trajectory_rows", trajectory_rows, 0),
+                                 ("trajectory_cols", trajectory_cols, 1)):
+            _at_least(name, value, low)
+        self.size, self.seed, self.rows, self.cols = size, seed, min(trajectory_rows, size), trajectory_cols
+
+    def images(self, pl_module: L.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid and the trajectory strip, both [C, H, W] in [0, 1]."""
+        keep = set(torch.linspace(0, pl_module.sampler.num_steps - 1, self.cols).round().long().tolist())
+        frames: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def record(i: int, sigma_hat: float, x_hat: torch.Tensor, denoised: torch.Tensor) -> None:
+            if i in keep:
+                frames.append((x_hat[:self.rows].clone(), denoised[:self.rows].clone()))
+
+        samples = pl_module.sample(range(self.seed, self.seed + self.size), callback=record)
+        grid = make_grid(to_unit(samples), nrow=math.ceil(math.sqrt(self.size)), padding=1)
+        # rows: x_hat of sample 0, denoised of sample 0, x_hat of sample 1, ...; columns: steps
+        strip = torch.stack([torch.stack([f[j][r] for f in frames]) for r in range(self.rows) for j in (0, 1)])
+        return grid, make_grid(to_unit(strip.flatten(0, 1)), nrow=len(frames), padding=1)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.size and isinstance(pl_module.logger, TensorBoardLogger):
+            grid, strip = self.images(pl_module)
+            pl_module.logger.experiment.add_image("samples/grid", grid, trainer.global_step)
+            if self.rows:
+                pl_module.logger.experiment.add_image("samples/trajectory", strip, trainer.global_step)
+
+
+class InpaintingGrid(Evaluation):
+    """Logs ``samples/inpainting``: per held-out image, original | masked | ``completions`` completions (seeds
+    ``seed``, ...), as ``kve inpaint`` writes its grid.
+
+    Args:
+        images: held-out images shown (0: none).
+        completions: completions per image.
+        mask: the pixels to fill, as ``kve inpaint --mask`` names them.
+        seed: the first completion's seed.
+        every_n_epochs: log every n validation epochs (0: never).
+    """
+
+    def __init__(self, images: int = 8, completions: int = 4, mask: str = "bottom", seed: int = 0,
+                 every_n_epochs: int = 1):
+        super().__init__(every_n_epochs)
+        for name, value, low in (("images", images, 0), ("completions", completions, 1), ("seed", seed, 0)):
+            _at_least(name, value, low)
+        if mask.lower().endswith(".png"):
+            raise ValueError(f"mask must name a mask ({', '.join(MASK_SPECS[:-1])}), not a file: got mask={mask!r}")
+        parse_mask(mask, 8)  # a bad name or random:P fails now, not at the first validation
+        self.count, self.completions, self.mask, self.seed = images, completions, mask, seed
+
+    def images(self, pl_module: L.LightningModule, originals: torch.Tensor) -> torch.Tensor:
+        """The grid of ``originals`` [N, C, H, W] in [-1, 1]: [C, H', W'] in [0, 1]."""
+        mask = parse_mask(self.mask, originals.shape[-1]).to(pl_module.device)
+        seeds = [self.seed + k for k in range(self.completions)]
+        rows = originals.to(pl_module.device).repeat_interleave(len(seeds), 0)
+        x = complete(pl_module.denoiser, rows, mask, seeds * len(originals), pl_module.sampler)
+        return inpainting_grid(originals, mask.cpu(), x.unflatten(0, (len(originals), len(seeds))).cpu())
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.count and isinstance(pl_module.logger, TensorBoardLogger):
+            grid = self.images(pl_module, held_out_images(trainer, self.count))
+            pl_module.logger.experiment.add_image("samples/inpainting", grid, trainer.global_step)
+
+
+class FID(Evaluation):
+    """Logs ``val/fid``: FID (``kve_lightning.metrics``) of ``num_samples`` samples (seeds 10**6, ...) against the
+    training images, whose statistics are computed once per process.
+
+    Args:
+        every_n_epochs: log every n validation epochs (0: never).
+        num_samples: samples per FID (compare FIDs at equal counts of at least 500).
+        features: "digits" (offline, the shipped digits network) or "inception" (needs torch-fidelity).
+    """
+
+    def __init__(self, every_n_epochs: int = 0, num_samples: int = 1000, features: Features = "digits"):
+        super().__init__(every_n_epochs)
+        _at_least("num_samples", num_samples, 2)
+        self.num_samples, self.features = num_samples, features
+        self._metric: Any = None
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._metric is None:
+            train = trainer.datamodule.train_set
+            train = train.dataset if isinstance(train, FlipDataset) else train  # no random flips: no global RNG use
+            real = torch.cat(list(DataLoader(train, batch_size=512, generator=torch.Generator())))
+            self._metric = build_fid(real, self.features, device=pl_module.device)
+        self._metric.reset()
+        for seeds in torch.arange(10**6, 10**6 + self.num_samples).split(256):
+            self._metric.update(pl_module.sample(seeds).clamp(-1, 1), real=False)
+        pl_module.log("val/fid", self._metric.compute().item(), rank_zero_only=True)
+
+
+class BitsPerDim(Evaluation):
+    """Logs ``val/bpd``: the mean bits/dim (``KarrasVeModule.bits_per_dim``) of the first ``num_images`` held-out
+    images.
+
+    Args:
+        every_n_epochs: log every n validation epochs (0: never).
+        num_images: held-out images integrated.
+    """
+
+    def __init__(self, every_n_epochs: int = 0, num_images: int = 64):
+        super().__init__(every_n_epochs)
+        _at_least("num_images", num_images, 1)
+        self.num_images = num_images
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        images = held_out_images(trainer, self.num_images)
+        bpd = pl_module.bits_per_dim(torch.arange(len(images)), images.to(pl_module.device))
+        pl_module.log("val/bpd", bpd.mean().item(), rank_zero_only=True)

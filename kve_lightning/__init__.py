@@ -20,8 +20,8 @@ from kve_lightning.sampling import SamplerSettings, inpaint_karras_ve, karras_ve
 _LAZY = {"ImageDataModule": "kve_lightning.lit.data", "KarrasVeModule": "kve_lightning.lit.module",
          "VEDenoiser": "kve_lightning.denoiser"}
 
-__all__ = ["ImageDataModule", "KarrasVeModule", "SamplerSettings", "VEDenoiser", "inpaint_karras_ve", "karras_ve_sigmas",
-           "sample_karras_ve"]
+__all__ = ["ImageDataModule", "KarrasVeModule", "SamplerSettings", "VEDenoiser", "inpaint_karras_ve",
+           "karras_ve_sigmas", "sample_karras_ve"]
 
 
 def __getattr__(name: str):

@@ -25,6 +25,23 @@ def default_unet_config(sample_size: int = 16, channels: int = 1) -> dict[str, A
     )
 
 
+def unet_config(image_size: int, channels: int, unet: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``UNet2DModel`` keyword arguments for ``channels`` x ``image_size`` x ``image_size`` images:
+    ``default_unet_config`` updated with ``unet``; a ``ValueError`` naming a size or channel count it cannot take."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got channels={channels}")
+    config = {k: v for k, v in default_unet_config().items() if k not in ("sample_size", "in_channels", "out_channels")}
+    config |= dict(unet or {})
+    config |= dict(sample_size=image_size, in_channels=channels, out_channels=channels)
+    factor = 2 ** (len(config["down_block_types"]) - 1)
+    if image_size < factor or image_size % factor:
+        raise ValueError(
+            f"image_size={image_size} cannot pass the UNet's {len(config['down_block_types']) - 1} down-samplings: "
+            f"it must be a positive multiple of {factor}"
+        )
+    return config
+
+
 class VEDenoiser(torch.nn.Module):
     """D(x; sigma) = x + sigma * F(x; ln(sigma / 2)): EDM Table 1, VE column (c_skip = 1, c_out = sigma, c_in = 1).
 

@@ -177,7 +177,7 @@ def bits_per_dim_per_image(
 
 
 def index_generators(index) -> list[torch.Generator]:
-    """One generator per image, seeded by its index in its split: ``kve test``, ``kve-likelihood`` and the
+    """One generator per image, seeded by its index in its split: ``kve test``, ``kve likelihood`` and the
     likelihood benchmark draw the same dequantization and probes for an image, whatever its batch or rank."""
     return [torch.Generator().manual_seed(int(i)) for i in index]
 

@@ -1,5 +1,5 @@
 """Inpainting images with a trained model: masks by name, one completion per (image, seed), and the
-original | masked | completions grid that ``kve-inpaint`` writes and validation logs as ``samples/inpainting``.
+original | masked | completions grid that ``kve inpaint`` writes and validation logs as ``samples/inpainting``.
 
 The sampler is ``sampling.inpaint_karras_ve``; this file only turns images, a mask and seeds into its inputs.
 """
@@ -28,7 +28,8 @@ def parse_mask(spec: str, image_size: int) -> torch.Tensor:
     - ``bottom``, ``top``, ``left``, ``right``: that half unknown (the larger half of an odd side);
     - ``center``: the central square of half the side unknown;
     - ``random:P``: each pixel unknown with probability P in [0, 1] (one fixed draw, seed 0);
-    - a PNG file of the image's size: its white pixels (> 127 in grayscale) unknown, as in common inpainting tools.
+    - a PNG file of the image's size, black and white (0 and 255) or 0 and 1: its white (or 1) pixels unknown, as in
+      common inpainting tools; any other value is refused (a mask of levels has no one meaning).
     """
     h = image_size
     known = torch.ones(h, h, dtype=torch.bool)
@@ -51,6 +52,8 @@ def parse_mask(spec: str, image_size: int) -> torch.Tensor:
         known = torch.rand(h, h, generator=torch.Generator().manual_seed(0)) >= p
     elif re.search(r"\.png$", spec, re.IGNORECASE):
         path = Path(spec)
+        if path.is_dir():
+            raise IsADirectoryError(f"--mask {spec!r} is a directory, not a PNG file")
         if not path.is_file():
             raise FileNotFoundError(f"--mask {spec!r}: no such file")
         try:
@@ -61,7 +64,11 @@ def parse_mask(spec: str, image_size: int) -> torch.Tensor:
         if tuple(gray.shape) != (h, h):
             raise ValueError(f"--mask {spec!r} is {gray.shape[1]}x{gray.shape[0]} pixels, the model's images are "
                              f"{h}x{h}")
-        known = gray <= 127
+        values = set(gray.unique().tolist())
+        if not (values <= {0, 255} or values <= {0, 1}):
+            raise ValueError(f"--mask {spec!r} holds the gray levels {sorted(values)[:6]}: a mask is black and white "
+                             f"(0/255, white = fill) or 0/1 (1 = fill)")
+        known = gray == 0
     else:
         raise ValueError(f"--mask {spec!r} is not one of {', '.join(MASK_SPECS)}")
     return known[None, None]

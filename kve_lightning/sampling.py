@@ -20,6 +20,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # scripts/benchmark_inpainting.py (README, BENCHMARKS.md)
 RESAMPLE = 2
 GUIDANCE = 1.0
+MAX_GUIDANCE = 100.0  # beyond it w (1 + sigma^2) saturates every filled pixel (measured to w = 30: README)
 GAMMA_MAX = math.sqrt(2) - 1  # Algorithm 2's cap on the churn: gamma_i = min(S_churn / N, sqrt(2) - 1)
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -48,7 +49,8 @@ class SamplerSettings:
     Defaults are EDM Table 5's CIFAR-10 VE settings on the VE schedule with sigma in [0.02, 100] and Algorithm 2
     as written (no clipping). Floats are stored as ``float``; a bad value is a ``ValueError`` that names it.
     Everything that samples takes or produces one: ``sample_karras_ve``, ``KarrasVeModule`` (flat in its
-    hyper-parameters), the diffusers scheduler config, the sample folders' manifest and the ``kve-sample`` flags.
+    hyper-parameters), the diffusers scheduler config, the sample folders' manifest and the ``--model.*`` flags of
+    every ``kve`` subcommand.
 
     Args:
         num_steps: N, the number of noise levels before sigma_N = 0 (NFE = 2N - 1 with heun, N with euler).
@@ -66,6 +68,8 @@ class SamplerSettings:
         micro_batch: evaluate the denoiser on chunks of exactly this many rows, the last one padded, so that a row's
             result does not depend on its batch's size or neighbours (CPU kernels round differently at different
             batch sizes); 0: the whole batch at once.
+        extrapolate: sample even where [sigma_min, sigma_max] leaves the noise range the model was trained on
+            (``check_trained_range``; otherwise refused: the network has never seen those noise levels).
     """
 
     num_steps: int = 50
@@ -259,9 +263,9 @@ def sample_karras_ve(
     ``settings`` (default ``SamplerSettings()``: Table 5's CIFAR-10 VE settings, 50 steps of the VE schedule on
     [0.02, 100]) with keyword ``overrides`` of its fields, e.g. ``num_steps=18, s_churn=0``. ``sigmas``
     (descending, ending in 0) replaces the schedule of the settings. The start is x_0 = sigma_0 * eps, with eps the
-    unit-variance ``latents`` if given (as EDM's ``edm_sampler`` and diffusers take them); then one noise tensor eps_i is drawn per step, even where gamma_i = 0, so a
-    step's noise does not depend on the churn window. ``generator`` may be one ``torch.Generator`` or one per batch
-    row. ``callback(i, sigma_hat, x_hat, denoised)`` is called after each step's first denoiser evaluation.
+    unit-variance ``latents`` if given (as EDM's ``edm_sampler`` and diffusers take them); then one noise tensor
+    eps_i is drawn per step, even where gamma_i = 0, so a step's noise does not depend on the churn window.
+    ``generator`` may be one ``torch.Generator`` or one per batch row. ``callback(i, sigma_hat, x_hat, denoised)`` is called after each step's first denoiser evaluation.
     """
     settings = (settings or SamplerSettings()).replace(**overrides)
     if latents is not None:
@@ -353,11 +357,12 @@ def inpaint_karras_ve(
     try:
         mask = torch.broadcast_to(mask.to(y.device), y.shape)
     except RuntimeError:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to y's shape {tuple(y.shape)}") from None
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to y's shape {tuple(y.shape)}"
+                         ) from None
     if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
         raise ValueError(f"resample must be an integer >= 1, got resample={bounded_repr(resample)}")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
-        raise ValueError(f"guidance must be a finite number >= 0, got guidance={bounded_repr(guidance)}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise ValueError(f"guidance must be a number in [0, {MAX_GUIDANCE:g}], got guidance={bounded_repr(guidance)}")
     settings = (settings or SamplerSettings()).replace(**overrides)
     known_rows = mask.flatten(1).any(1).tolist()
 

@@ -218,7 +218,7 @@ def plot(arms: list[Arm], best: Arm, title: str, path: Path) -> None:
 
 def winner_yaml(settings: SamplerSettings, fixed: dict, header: list[str]) -> str:
     """``model:`` with N, the searched settings and the fixed ones: a config for ``kve predict --config``,
-    ``kve-sample --config`` and ``kve-export --config``."""
+    ``kve sample --config`` and ``kve export --config``."""
     model = {"num_steps": settings.num_steps} | {name: getattr(settings, name) for name in SEARCHED}
     model |= {k: getattr(settings, k) for k in fixed if k not in model}
     return "".join(f"# {line}\n" for line in header) + yaml.safe_dump({"model": model}, sort_keys=False)

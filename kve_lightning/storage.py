@@ -1,7 +1,7 @@
 """Writing samples as PNG files: one per seed, ``{seed:06d}.png``, plus a grid; the same bytes from every entry point.
 
 A sample folder also holds ``manifest.json``: the weights' SHA-256, the image size and channel count, and the sampler
-settings. Every writer (``kve predict``, ``kve-sample --ckpt`` or ``--model``) refuses a folder whose manifest
+settings. Every writer (``kve predict``, ``kve sample --ckpt_path`` or ``--pipeline``) refuses a folder whose manifest
 differs from its own, so one folder never mixes images of different models or settings, and it can skip the seeds
 whose PNG is already there: an interrupted run resumes where it stopped, whichever entry point wrote the folder.
 """
@@ -27,8 +27,8 @@ from torchvision.utils import make_grid
 from kve_lightning.sampling import SamplerSettings
 
 MANIFEST = "manifest.json"
-# what a sample folder holds: sample PNGs ({seed:06d}.png, or {image:05d}_{seed:06d}.png of kve-inpaint), the grid,
-# kve-inpaint's mask.png, the manifest, and save_atomic's temporary files
+# what a sample folder holds: sample PNGs ({seed:06d}.png, or {image:05d}_{seed:06d}.png of kve inpaint), the grid,
+# kve inpaint's mask.png, the manifest, and save_atomic's temporary files
 SAMPLE_PNG = re.compile(r"(?:\d{5,}_)?\d{6,}\.png")
 # a temporary file names its writer (host and process id) so that a cleanup deletes only those of dead writers
 TEMP_FILE = re.compile(r"\.(?:(?:\d{5,}_)?\d{6,}\.png|grid\.png|mask\.png|manifest\.json)\.(?:([\w-]+)-(\d+)\.)?\w+\.tmp")

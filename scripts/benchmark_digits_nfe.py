@@ -18,9 +18,8 @@ import torch
 from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeScheduler
 from tqdm import tqdm
 
-from kve_lightning.metrics import digits_images
-from kve_lightning.metrics import build_fid, digits_fid_floor
 from kve_lightning.lit.module import KarrasVeModule
+from kve_lightning.metrics import build_fid, digits_fid_floor, digits_images
 from kve_lightning.sampling import randn_per_row, sample_karras_ve
 
 
@@ -53,7 +52,9 @@ def main() -> None:
             gens = [torch.Generator().manual_seed(s) for s in batch]
             if "init_sigma" in kwargs:  # diffusers: x_0 = init_noise_sigma * eps from the same generators
                 kw = dict(kwargs)
-                latents = kw.pop("init_sigma") * randn_per_row((len(batch), *shape), gens, "cpu", torch.float32)
+                # our latents are unit noise scaled by sigma_0 (x_0 = sigma_0 * latents): diffusers' x_0 / sigma_0
+                scale = kw.pop("init_sigma") / kw["sigmas"][0].item()
+                latents = scale * randn_per_row((len(batch), *shape), gens, "cpu", torch.float32)
                 x = sample_karras_ve(module.denoiser, latents.shape, generator=gens, latents=latents, **kw)
             else:
                 x = module.sample(batch, **kwargs)

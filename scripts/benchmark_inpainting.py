@@ -14,7 +14,7 @@ NFE = R (2N - 1). Writes a markdown table (``--out-md``) and a plot beside it (m
     python scripts/benchmark_inpainting.py --ckpt runs/digits/checkpoints/last.ckpt [--seeds 2] [--out-md F]
 
 With ``--ckpt``, a trained digits model on real images instead: the bottom half of every held-out digit (the split
-`kve fit` validates on) is masked and completed ``--seeds`` times per (N, R, w); the completions are
+checkpoint's `kve fit` validated on) is masked and completed ``--seeds`` times per (N, R, w); the completions are
 classified by the shipped digits feature network (metrics.py, its ``head``) and the fraction whose class is the
 original digit's is reported, with its standard error over digits, next to: nearest-neighbour completion (the
 bottom half of the training digit whose top half is closest in L2), the top half alone (bottom half blank), and
@@ -33,13 +33,11 @@ from pathlib import Path
 import torch
 
 from benchmark_samplers import sliced_w2
-from kve_lightning.commands import sampler_config
-from kve_lightning.lit.data import ImageDataModule
+from kve_lightning.cli.common import DataSource, load_model, load_yaml, sampler_section
 from kve_lightning.exact import GaussianMixture
-from kve_lightning.masks import complete, parse_mask
 from kve_lightning.likelihood import mean_and_stderr
+from kve_lightning.masks import complete, parse_mask
 from kve_lightning.metrics import digits_feature_net, digits_with_labels
-from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.sampling import inpaint_karras_ve
 
 D = 4
@@ -81,7 +79,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out-md", default=None, help="write the table here (and the plot beside it, .png)")
     p.add_argument("--ckpt", default=None, help="a trained digits checkpoint: the held-out digits measure instead")
     p.add_argument("--seeds", type=int, default=2, help="with --ckpt: completions per held-out digit")
-    p.add_argument("--config", default=None, help="with --ckpt: sampler settings (a kve-tune YAML) over the model's")
+    p.add_argument("--config", default=None, help="with --ckpt: sampler settings over the model's (the model: section of `kve "
+                                           "tune`'s output or of a `kve fit` config)")
     args = p.parse_args(argv)
     command = f"`python scripts/benchmark_inpainting.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     if args.ckpt:
@@ -146,16 +145,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def sampler_config(path: str) -> dict:
+    """The ``model:`` sampler settings of a YAML file as `kve sample --config` reads them (`kve tune`'s output, or a
+    `kve fit` config whose other sections and training settings are dropped)."""
+    config = load_yaml(Path(path).read_text())
+    model = sampler_section(config, set()).get("model", {}) if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise SystemExit(f"--config {path!r}: expected a mapping `model:` of sampler settings")
+    return model
+
+
 def digits(args: argparse.Namespace, command: str) -> list[dict]:
     """The held-out digits measure (see the module docstring)."""
-    module = KarrasVeModule.from_checkpoint(args.ckpt)
-    base = module.sampler.replace(**(sampler_config(args.config) if args.config else {}))
-    data = ImageDataModule(image_size=module.hparams.image_size, channels=module.hparams.channels)
+    model = load_model(args.ckpt, None, torch.device("cpu"))
+    base = model.settings_with(sampler_config(args.config) if args.config else {})
+    data = DataSource().data_module(model, held_out=True)  # the checkpoint's own data settings and split
     data.setup("fit")
     images, labels = digits_with_labels()
     train, held_out = images[data.train_set.indices], data.val_set.indices
     x, y = images[held_out], labels[held_out]
-    mask = parse_mask("bottom", module.hparams.image_size)
+    mask = parse_mask("bottom", model.image_size)
     net = digits_feature_net()
 
     def correct(completed: torch.Tensor) -> torch.Tensor:
@@ -181,7 +190,7 @@ def digits(args: argparse.Namespace, command: str) -> list[dict]:
     rows_x = x.repeat(args.seeds, 1, 1, 1)
     for resample, guidance, steps in DIGITS_METHODS:
         settings = base.replace(num_steps=steps)
-        completed = torch.cat([complete(module.denoiser, rows_x[k:k + 64], mask, seeds[k:k + 64], settings, resample,
+        completed = torch.cat([complete(model.denoiser, rows_x[k:k + 64], mask, seeds[k:k + 64], settings, resample,
                                         guidance) for k in range(0, len(seeds), 64)])
         exact = complete(exact_denoiser, rows_x, mask, seeds, settings, resample, guidance)
         method = method_name(resample, guidance)

@@ -2,12 +2,12 @@
 
     python scripts/benchmark_likelihood.py --ckpt runs/digits/checkpoints/last.ckpt --steps 64 --probes 1
 
-Same images (the data module's held-out split), same quantization (17 levels in [-1, 1], w = 1/8), same
-dequantization draws (per-image generators seeded by the image's index, as `kve test` and `kve-likelihood` draw
-them), same formula: bpd = (-log p(y + w (u - 1/2)) / ln 2 - d log2 w) / d. The mixtures (full covariance,
-several component counts) are fit on the training split, dequantized with fresh uniform draws (``--fit-draws``
-copies of each image), so that their densities are densities of dequantized data like the model's. Prints a
-markdown table with standard errors and the uniform baseline log2(17).
+Same images (the held-out split of the checkpoint's own data settings, as `kve likelihood` takes it), same
+quantization (17 levels in [-1, 1], w = 1/8), same dequantization draws (per-image generators seeded by the image's
+index, as `kve test` and `kve likelihood` draw them), same formula: bpd = (-log p(y + w (u - 1/2)) / ln 2 - d log2
+w) / d. The mixtures (full covariance, several component counts) are fit on the training split, dequantized with
+fresh uniform draws (``--fit-draws`` copies of each image), so that their densities are densities of dequantized
+data like the model's. Prints a markdown table with standard errors and the uniform baseline log2(17).
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import time
 import torch
 from sklearn.mixture import GaussianMixture
 
-from kve_lightning.lit.data import ImageDataModule
+from kve_lightning.cli.common import DataSource, load_model
 from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
-from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.sampling import rand_per_row
 
 
@@ -34,10 +33,8 @@ def main() -> None:
     p.add_argument("--fit-draws", type=int, default=4, help="dequantized copies of each training image to fit on")
     args = p.parse_args()
 
-    module = KarrasVeModule.from_checkpoint(args.ckpt)
-    for param in module.parameters():
-        param.requires_grad_(False)
-    data = ImageDataModule(image_size=module.hparams.image_size, channels=module.hparams.channels)
+    model = load_model(args.ckpt, None, torch.device("cpu"))  # its EMA denoiser, frozen, and its trained noise range
+    data = DataSource().data_module(model, held_out=True)  # the checkpoint's own data settings and split
     data.setup("fit")
     levels, w = data.levels, 2 / (data.levels - 1)
     test = torch.stack([data.val_set[i] for i in range(len(data.val_set))])
@@ -47,9 +44,9 @@ def main() -> None:
     rows = {}
     start = time.perf_counter()
     rows[f"VE score model (ODE, {args.steps} RK4 steps = {4 * args.steps} NFE, {args.probes} probe)"] = (
-        bits_per_dim_per_image(module.denoiser, test, levels, generator=index_generators(range(len(test))), steps=args.steps,
-                               num_probes=args.probes, sigma_min=module.sampler.sigma_min,
-                               sigma_max=module.sampler.sigma_max))
+        bits_per_dim_per_image(model.denoiser, test, levels, generator=index_generators(range(len(test))),
+                               steps=args.steps, num_probes=args.probes, sigma_min=model.trained[0],
+                               sigma_max=model.trained[1]))
     model_seconds = time.perf_counter() - start
 
     # the same dequantization draws as the model's: the first uniform draw of each image's generator

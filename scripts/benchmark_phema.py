@@ -23,7 +23,8 @@ import yaml
 from safetensors.torch import load_file
 
 from kve_lightning import ImageDataModule, KarrasVeModule
-from kve_lightning.phema import PostHocEMA, combine, list_snapshots, reconstruction
+from kve_lightning.lit.ema import PostHocEMA
+from kve_lightning.phema import combine, list_snapshots, reconstruction
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     data = ImageDataModule(**config["data"])
     if config["model"].get("sigma_max") == "auto":  # what the kve CLI resolves: the training split's largest distance
         config["model"]["sigma_max"] = data.max_pairwise_distance()
-    module = KarrasVeModule(**config["model"] | {"grid_size": 0})
+    module = KarrasVeModule(**config["model"])  # no sample grid: that is a callback of `kve fit`
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False,

@@ -6,7 +6,7 @@
 Each ``--row LABEL=CKPT[,FIELD=VALUE...]`` is a checkpoint with ``SamplerSettings`` overrides (its own settings
 otherwise); every row is sampled with D clipped and, with ``--clip both`` (default), unclipped too, at each NFE
 (Heun: N = (NFE + 1) / 2 steps), from the same seeds 0 .. n-1 (common random numbers across rows). Each cell gives
-two FIDs of the same samples: against all 1,797 digits (as kve-tune and the earlier tables), and against a fixed
+two FIDs of the same samples: against all 1,797 digits (as `kve tune` and the earlier tables), and against a fixed
 random 797 of them, whose floor is the other 1,000 digits against those 797: the same sample counts as a row's
 cell, so FID's small-sample bias is the same for both and the floor is what a model drawing new digits of this
 distribution would score. Writes a markdown table (``--out-md``, and the rows as JSON beside it).
@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kve_lightning.metrics import digits_images
-from kve_lightning.metrics import build_fid
 from kve_lightning.lit.module import KarrasVeModule
+from kve_lightning.metrics import build_fid, digits_images
 from kve_lightning.sampling import SamplerSettings
 
 

@@ -25,9 +25,8 @@ from diffusers import KarrasVePipeline, UNet2DModel
 from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeScheduler
 
 from kve_lightning import VEDenoiser, sample_karras_ve
-from kve_lightning.denoiser import default_unet_config
+from kve_lightning.denoiser import default_unet_config, unet_config
 from kve_lightning.storage import save_atomic
-from kve_lightning.lit.module import unet_config
 
 
 def table(summary: dict) -> str:

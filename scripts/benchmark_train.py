@@ -52,14 +52,14 @@ def build(config: Path, batch_size: int | None = None, **model_options):
     model_cfg = cfg.get("model", {}) | dict(image_size=data.hparams.image_size, channels=data.hparams.channels)
     if model_cfg.get("sigma_max") == "auto":  # what the kve CLI resolves: the training split's largest distance
         model_cfg["sigma_max"] = data.max_pairwise_distance()
-    return KarrasVeModule(**(model_cfg | model_options | {"grid_size": 0})), data
+    return KarrasVeModule(**(model_cfg | model_options)), data  # no sample grid: a callback of `kve fit`
 
 
 def run_plain(config: Path, steps: int, warmup: int, batch_size: int | None, variant: str) -> float:
     from torch.optim.swa_utils import AveragedModel
 
-    from kve_lightning.lit.ema import ema_update
     from kve_lightning.denoiser import ve_loss
+    from kve_lightning.lit.ema import ema_update
 
     module, data = build(config, batch_size)
     hp = module.hparams
@@ -74,7 +74,7 @@ def run_plain(config: Path, steps: int, warmup: int, batch_size: int | None, var
         for y in data.train_dataloader():
             if step == warmup:
                 start = time.perf_counter()
-            loss = ve_loss(module.denoiser, y, module.sampler.sigma_min, module.sampler.sigma_max)[0].mean()
+            loss = ve_loss(module.denoiser, y, *module.train_sigmas)[0].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -102,8 +102,8 @@ def run_lightning(config: Path, steps: int, warmup: int, batch_size: int | None,
             times["end"] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(max_steps=steps, limit_val_batches=0, precision=precision, num_sanity_val_steps=0, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
+        trainer = L.Trainer(max_steps=steps, limit_val_batches=0, precision=precision, num_sanity_val_steps=0,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
                             default_root_dir=tmp, callbacks=[Clock()])
         trainer.fit(module, data)
     return (steps - warmup) * data.hparams.batch_size / (times["end"] - times["start"])

@@ -18,7 +18,8 @@ others still run; the exit code is 1 if any part did not pass:
             warm-up excluded, CUDA synchronized, best of 3.
 Writes OUT/gpu_check.json and OUT/gpu_check.md (rewritten after each part), each part's log OUT/PART.log and its
 results (env.json, tests.xml, tests_cuda.json, train.json, sampling.json). Without CUDA it exits 2; --smoke runs
-every part on tiny sizes on any device (compile left out: Inductor takes minutes on a CPU), to check the script.
+every part at the smallest sizes on any device, to check the script: one fast test, two training runs of 2 steps
+(fp32, and bf16-mixed + channels_last; compile left out: Inductor takes minutes on a CPU), 2 sampling steps.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ def parts(out: str, smoke: bool) -> dict[str, tuple[int, list[str]]]:
     py = sys.executable
     if smoke:
         limits = dict(env=120, tests=300, train=600, sampling=300)
-        tests = ["tests/test_denoiser.py::test_denoiser_is_edm_ve_preconditioning"]
-        train = ["--config", "configs/digits.yaml", "--variants", "fp32,bf16,bf16+cl", "--batch-size", "8",
-                 "--steps", "3", "--warmup", "1"]
-        sampling = ["--size", "8", "--batch", "4", "--steps", "3", "--repeats", "1"]
+        # the least that runs every command for real: a test that imports no Lightning or diffusers, the baseline and
+        # both options of the training variants in two processes, one timed step each, one sampled image of 3 NFE
+        tests = ["tests/test_sampling.py::test_churn_window_and_nfe_count"]
+        train = ["--config", "configs/digits.yaml", "--variants", "fp32,bf16+cl", "--batch-size", "2",
+                 "--steps", "2", "--warmup", "1"]
+        sampling = ["--size", "8", "--batch", "1", "--steps", "2", "--repeats", "1"]
     else:
         limits = dict(env=30, tests=160, train=190, sampling=60)
         tests = ["-m", "not slow", "--ignore=tests/test_gpu_check.py"]

@@ -1,5 +1,6 @@
-"""Bad input to `kve fit`, `kve predict` and kve-sample: a non-zero exit, a message that names the offending
-key, value or file, no traceback, and every file that was there before left as it was (nothing new either)."""
+"""Bad input to `kve fit`, `kve predict`, `kve sample` and `kve inpaint`: exit code 2, one error line that names the
+offending key, value or file, no traceback, and every file that was there before left as it was (nothing new either):
+conftest's ``assert_refused``."""
 
 import warnings
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_MODEL_ARGS, sample_script
+from conftest import REPO, TINY_MODEL_ARGS, assert_refused, sample_script
 from kve_lightning import ImageDataModule
 from kve_lightning.cli import cli_main
 
@@ -36,21 +37,6 @@ def inputs(tmp_path, trained_run):
     return lambda arg: arg.format(tmp=tmp_path, ckpt=ckpt)
 
 
-def snapshot(folder):
-    return {p: p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
-
-
-def assert_refused(call, folder, capsys, needles):
-    """``call()`` exits non-zero with every needle in stderr and no traceback, changing nothing under folder."""
-    before = snapshot(folder)
-    with pytest.raises(SystemExit) as exit_info:
-        call()
-    err = capsys.readouterr().err
-    assert exit_info.value.code not in (0, None), err[-2000:]
-    assert all(n in err for n in needles) and "Traceback" not in err, (needles, err[-2000:])
-    assert snapshot(folder) == before
-
-
 FIT_CASES = [
     (["--model.sigma_min=0"], ["sigma_min=0"]),
     (["--model.sigma_min=200"], ["sigma_min=200"]),
@@ -67,14 +53,20 @@ FIT_CASES = [
     (["--data.dataset=folder", "--data.root={tmp}/missing"], ["missing", "does not exist"]),
     (["--data.dataset=folder", "--data.root={tmp}/images"], ["truncated.png", "garbage.jpg", "skip_bad_images"]),
     (["--data.batch_size=0"], ["batch_size=0"]),
-    (["--data.predict_seeds=5-2"], ["5-2"]),
-    (["--data.predict_seeds=a"], ["'a'"]),
-    (["--data.predict_seeds=-1"], ["-1"]),
+    (["--seeds=5-2"], ["5-2"]),
+    (["--seeds=a"], ["'a'"]),
+    (["--seeds=-1"], ["-1"]),
     (["--config={tmp}/typo.yaml"], ["num_stepz"]),
     (["--model.s_churn=nan"], ["s_churn", "nan"]),  # named by SamplerSettings or, in newer jsonargparse, the parser
     (["--model.sigma_max=inf"], ["sigma_max", "inf"]),
     (["--model.schedule=cosine"], ["cosine"]),
     (["--ckpt_path=last"], ["--ckpt_path last", "no last.ckpt"]),
+    (["--model.grid_size=4"], ["--model.grid_size"]),  # retired: the callbacks' --sample_grid.size now
+    (["--sample_grid.size=-1"], ["size=-1"]),
+    (["--inpaint_grid.mask=diagonal"], ["'diagonal'", "bottom"]),
+    (["--fid.num_samples=1"], ["num_samples=1"]),
+    (["--model.train_sigma_min=0"], ["train_sigma_min=0"]),
+    (["--model.sigma_max=200", "--model.train_sigma_max=100"], ["[0.02, 200]", "leaves the model's trained range"]),
 ]
 
 
@@ -82,15 +74,15 @@ FIT_CASES = [
 def test_kve_fit(inputs, tmp_path, capsys, monkeypatch, args, needles):
     monkeypatch.chdir(tmp_path)
     args = ["fit", CONFIG, *TINY_MODEL_ARGS, *map(inputs, args), "--trainer.fast_dev_run=1"]
-    assert_refused(lambda: cli_main(args), tmp_path, capsys, needles)
+    assert_refused(lambda: cli_main(args), capsys, *needles, folder=tmp_path)
 
 
 PREDICT_CASES = [
     (["--ckpt_path={tmp}/missing.ckpt"], ["missing.ckpt", "does not exist"]),
     (["--ckpt_path={tmp}/truncated.ckpt"], ["truncated.ckpt", "not a readable checkpoint"]),
     (["--ckpt_path={tmp}/foreign.ckpt"], ["foreign.ckpt", "not a kve-lightning checkpoint"]),
-    (["--ckpt_path={ckpt}", "--writer.output_dir={tmp}/file"], ["file", "not a directory"]),
-    (["--ckpt_path={ckpt}", "--writer.output_dir={tmp}/file/out"], ["file/out"]),
+    (["--ckpt_path={ckpt}", "--out={tmp}/file"], ["file", "not a directory"]),
+    (["--ckpt_path={ckpt}", "--out={tmp}/file/out"], ["file/out"]),
     (["--ckpt_path={ckpt}", "--model.unet={{}}"], ["block_out_channels=[32, 64] here but [16, 32]",
                                                    "down_block_types"]),
     (["--ckpt_path={ckpt}", "--data.image_size=16"], ["image_size=16 here but 8"]),
@@ -107,28 +99,32 @@ PREDICT_CASES = [
 @pytest.mark.parametrize("args, needles", PREDICT_CASES, ids=[" ".join(a) for a, _ in PREDICT_CASES])
 def test_kve_predict(inputs, tmp_path, capsys, monkeypatch, args, needles):
     monkeypatch.chdir(tmp_path)
-    args = ["predict", CONFIG, *TINY_MODEL_ARGS, f"--writer.output_dir={tmp_path}/out", "--data.predict_seeds=0-1",
-            "--trainer.logger=false", *map(inputs, args)]
-    assert_refused(lambda: cli_main(args), tmp_path, capsys, needles)
+    args = ["predict", CONFIG, *TINY_MODEL_ARGS, f"--out={tmp_path}/out", "--seeds=0-1", "--trainer.logger=false",
+            *map(inputs, args)]
+    assert_refused(lambda: cli_main(args), capsys, *needles, folder=tmp_path)
 
 
 SAMPLE_CASES = [
     (["--seeds", "5-2"], ["5-2"]),
     (["--seeds", "a"], ["'a'"]),
     (["--seeds", "-1"], ["-1"]),
-    (["--batch-size", "0"], ["batch-size"]),
-    (["--steps", "1"], ["num_steps=1"]),
-    (["--s-churn", "-1"], ["s_churn=-1"]),
-    (["--s-noise", "-1"], ["s_noise=-1"]),
-    (["--s-min", "2"], ["s_min=2"]),
-    (["--schedule", "cosine"], ["cosine"]),
-    (["--s-churn", "nan"], ["s_churn=nan"]),
-    (["--sigma-max", "1e30"], ["sigma_max=1e+30"]),
-    (["--rho", "0"], ["rho=0"]),
-    (["--ckpt", "{tmp}"], ["is a directory"]),
-    (["--ckpt", "{tmp}/missing.ckpt"], ["missing.ckpt", "does not exist"]),
-    (["--ckpt", "{tmp}/truncated.ckpt"], ["truncated.ckpt", "not a readable checkpoint"]),
-    (["--ckpt", "{tmp}/foreign.ckpt"], ["foreign.ckpt", "not a kve-lightning checkpoint"]),
+    (["--batch_size", "0"], ["--batch_size must be >= 1, got 0"]),
+    (["--model.num_steps", "1"], ["num_steps=1"]),
+    (["--model.s_churn", "-1"], ["s_churn=-1"]),
+    (["--model.s_noise", "-1"], ["s_noise=-1"]),
+    (["--model.s_min", "2"], ["s_min=2"]),
+    (["--model.schedule", "cosine"], ["cosine"]),
+    (["--model.s_churn", "nan"], ["s_churn", "nan"]),
+    (["--model.sigma_max", "1e30"], ["sigma_max=1e+30"]),
+    (["--model.sigma_max", "200"], ["200]", "leaves the model's trained range", "--model.extrapolate true"]),
+    (["--model.rho", "0"], ["rho=0"]),
+    (["--model.num_stepz", "3"], ["num_stepz"]),
+    (["--steps", "3"], ["--steps"]),  # the flags before `kve sample` are gone, not silently ignored
+    (["--ckpt_path", "{tmp}"], ["is a directory"]),
+    (["--ckpt_path", "{tmp}/missing.ckpt"], ["missing.ckpt", "does not exist"]),
+    (["--ckpt_path", "{tmp}/truncated.ckpt"], ["truncated.ckpt", "not a readable checkpoint"]),
+    (["--ckpt_path", "{tmp}/foreign.ckpt"], ["foreign.ckpt", "not a kve-lightning checkpoint"]),
+    (["--pipeline", "{tmp}/missing"], ["--ckpt_path", "--pipeline"]),  # both given
     (["--out", "{tmp}/file"], ["file", "not a directory"]),
     (["--out", "{tmp}/file/out"], ["file/out"]),
 ]
@@ -136,8 +132,9 @@ SAMPLE_CASES = [
 
 @pytest.mark.parametrize("args, needles", SAMPLE_CASES, ids=[" ".join(a) for a, _ in SAMPLE_CASES])
 def test_sample_script(inputs, tmp_path, capsys, args, needles):
-    args = ["--ckpt", "{ckpt}", "--out", "{tmp}/out", *args]  # later flags win
-    assert_refused(lambda: sample_script(list(map(inputs, args))), tmp_path, capsys, needles)
+    args = ["--ckpt_path", "{ckpt}", "--out", "{tmp}/out", *args]  # later flags win
+    line = assert_refused(lambda: sample_script(list(map(inputs, args))), capsys, *needles, folder=tmp_path)
+    assert line.startswith("kve sample: error:"), line
 
 
 def test_skip_bad_images_trains_without_them(inputs, tmp_path):
@@ -162,21 +159,23 @@ INPAINT_CASES = [
     (["--images", "{tmp}/big"], ["a.png", "16x16", "8x8"]),
     (["--images", "{tmp}/missing"], ["missing", "does not exist"]),
     (["--resample", "0"], ["--resample must be >= 1, got 0"]),
-    (["--guidance", "-1"], ["--guidance must be a finite number >= 0, got -1.0"]),
+    (["--guidance", "-1"], ["--guidance must be a number in [0, 100], got -1.0"]),
     (["--n", "0"], ["--n must be >= 1, got 0"]),
     (["--seeds", "5-2"], ["5-2"]),
-    (["--grid-images", "-1"], ["--grid-images", "-1"]),
-    (["--s-churn", "-1"], ["s_churn=-1"]),
-    (["--ckpt", "{tmp}/foreign.ckpt"], ["foreign.ckpt", "not a kve-lightning checkpoint"]),
+    (["--grid_images", "-1"], ["--grid_images", "-1"]),
+    (["--model.s_churn", "-1"], ["s_churn=-1"]),
+    (["--model.sigma_max", "200"], ["leaves the model's trained range"]),
+    (["--ckpt_path", "{tmp}/foreign.ckpt"], ["foreign.ckpt", "not a kve-lightning checkpoint"]),
     (["--out", "{tmp}/file"], ["file", "not a directory"]),
+    (["--split", "val"], ["--split"]),  # gone: without --images the held-out split is completed
+    (["--data.dataset", "imagenet"], ["imagenet"]),
 ]
 
 
 @pytest.mark.parametrize("args, needles", INPAINT_CASES, ids=[" ".join(a) for a, _ in INPAINT_CASES])
 def test_inpaint_script(inputs, tmp_path, capsys, args, needles):
-    """kve-inpaint: exit 2, the value named, nothing written."""
-    from kve_lightning.commands import inpaint_main
-
-    source = [] if "--images" in args else ["--split", "val"]
-    argv = ["--ckpt", "{ckpt}", *source, "--n", "2", "--mask", "bottom", "--seeds", "0", "--out", "{tmp}/out", *args]
-    assert_refused(lambda: inpaint_main(list(map(inputs, argv))), tmp_path, capsys, needles)
+    """kve inpaint: exit 2, one error line naming the value, nothing written."""
+    argv = ["inpaint", "--ckpt_path", "{ckpt}", "--n", "2", "--mask", "bottom", "--seeds", "0", "--out", "{tmp}/out",
+            *args]
+    line = assert_refused(lambda: cli_main(list(map(inputs, argv))), capsys, *needles, folder=tmp_path)
+    assert line.startswith("kve inpaint: error:"), line

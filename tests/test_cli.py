@@ -1,9 +1,10 @@
-"""End to end through the `kve` CLI and scripts/sample.py: fit, validate, TensorBoard grids, predict, PNG files."""
+"""End to end through the `kve` CLI: fit, validate, TensorBoard grids, predict, `kve sample`, PNG files."""
 
 import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import numpy as np
@@ -67,23 +68,23 @@ def test_predict_and_sample_script_write_identical_pngs(trained_run, tmp_path):
     _, ckpt = trained_run
     out_predict, out_script, out_b1 = tmp_path / "predict", tmp_path / "script", tmp_path / "b1"
     run_kve("predict", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS, f"--ckpt_path={ckpt}",
-            "--data.predict_seeds=3-7,11", "--data.predict_batch_size=4", f"--writer.output_dir={out_predict}",
+            "--seeds=3-7,11", "--data.predict_batch_size=4", f"--out={out_predict}",
             f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", cwd=tmp_path)
     files = _pngs(out_predict)
     assert set(files) == {f"{s:06d}.png" for s in (3, 4, 5, 6, 7, 11)} | {"grid.png"}
     with Image.open(out_predict / "000003.png") as im:
         assert im.size == (8, 8) and im.mode == "L"
-    script = ["--ckpt", str(ckpt), "--seeds", "3-7,11"]
-    sample_script([*script, "--out", str(out_script), "--batch-size", "8", "--grid"])
-    sample_script([*script, "--out", str(out_b1), "--batch-size", "1"])
+    script = ["--ckpt_path", str(ckpt), "--seeds", "3-7,11"]
+    sample_script([*script, "--out", str(out_script), "--batch_size", "8", "--grid", "true"])
+    sample_script([*script, "--out", str(out_b1), "--batch_size", "1", "--grid", "false"])
     assert _pngs(out_script) == files  # same bytes as `kve predict`, grid included
     assert _pngs(out_b1) == {k: v for k, v in files.items() if k != "grid.png"}  # batch size 1 vs 8
 
 
 def test_sample_script_overrides_and_matches_module(trained_run, tmp_path):
     _, ckpt = trained_run
-    sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path), "--seeds", "9", "--steps", "3", "--schedule", "edm",
-                   "--s-churn", "0"])
+    sample_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path), "--seeds", "9", "--model.num_steps", "3",
+                   "--model.schedule", "edm", "--model.s_churn", "0"])
     module = KarrasVeModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     expected = (to_unit(module.sample([9], num_steps=3, schedule="edm", s_churn=0.0))[0, 0] * 255).round()
     with Image.open(tmp_path / "000009.png") as im:
@@ -112,14 +113,14 @@ def manifest_sampler(folder):
 
 def test_predict_applies_sampler_flags_over_the_checkpoint(trained_run, tmp_path, monkeypatch):
     """No config: the architecture and settings come from the checkpoint (trained with 4 steps and Table 5 churn),
-    the flags replace the settings they name; the PNGs are kve-sample's with the same flags, byte for byte."""
+    the flags replace the settings they name; the PNGs are `kve sample`'s with the same flags, byte for byte."""
     _, ckpt = trained_run
     monkeypatch.chdir(tmp_path)
     hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
     assert hparams["num_steps"] == 4 and hparams["s_churn"] == 80.0 and hparams["clamp_denoised"] is True
 
     def predict(out, *flags):
-        cli_main(["predict", f"--ckpt_path={ckpt}", "--data.predict_seeds=3-5", f"--writer.output_dir={out}",
+        cli_main(["predict", f"--ckpt_path={ckpt}", "--seeds=3-5", f"--out={out}",
                   "--trainer.enable_progress_bar=false", *flags])
         return manifest_sampler(out)
 
@@ -129,10 +130,10 @@ def test_predict_applies_sampler_flags_over_the_checkpoint(trained_run, tmp_path
     assert predict(tmp_path / "churn", "--model.s_churn=0") == stored | {"s_churn": 0.0}  # 4 steps, as trained
     # with the config of the run and its flags (TINY_MODEL_ARGS gives num_steps=4): the later flags win
     cli_main(["predict", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS, f"--ckpt_path={ckpt}",
-              "--model.num_steps=3", "--model.s_churn=0", "--data.predict_seeds=3-5",
-              f"--writer.output_dir={tmp_path / 'config'}", "--trainer.logger=false"])
-    sample_script(["--ckpt", str(ckpt), "--seeds", "3-5", "--steps", "3", "--s-churn", "0",
-                   "--out", str(tmp_path / "kve-sample"), "--grid"])
+              "--model.num_steps=3", "--model.s_churn=0", "--seeds=3-5",
+              f"--out={tmp_path / 'config'}", "--trainer.logger=false"])
+    sample_script(["--ckpt_path", str(ckpt), "--seeds", "3-5", "--model.num_steps", "3", "--model.s_churn", "0",
+                   "--out", str(tmp_path / "kve-sample"), "--grid", "true"])
     expected = _pngs(tmp_path / "kve-sample")
     assert len(expected) == 4 and _pngs(tmp_path / "flags") == expected == _pngs(tmp_path / "config")
     assert _pngs(tmp_path / "churn") != expected
@@ -190,27 +191,31 @@ def option_help(text: str) -> dict[str, str]:
     return {k: re.sub(r"\(type: .*", "", v).strip() for k, v in blocks.items()}
 
 
+GROUPS = ("--model", "--data", "--writer", "--sample_grid", "--inpaint_grid", "--fid", "--bpd")
+
+
 @pytest.mark.parametrize("subcommand", ["fit", "predict"])
-def test_every_model_data_and_writer_option_explains_itself(subcommand):
-    proc = subprocess.run(["kve", subcommand, "--help"], capture_output=True, text=True,
+def test_every_model_data_writer_and_callback_option_explains_itself(subcommand):
+    proc = subprocess.run([shutil.which("kve"), subcommand, "--help"], capture_output=True, text=True,
                           env=os.environ | {"COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    options = {k: v for k, v in option_help(proc.stdout).items() if k.split(".")[0] in ("--model", "--data", "--writer")
-               and "." in k}
-    assert len(options) >= 45 and {"--model.num_steps", "--model.rho", "--data.dataset", "--writer.output_dir"} <= set(
-        options)
+    options = {k: v for k, v in option_help(proc.stdout).items()
+               if (k.split(".")[0] in GROUPS and "." in k) or k in ("--seeds", "--out", "--grid", "--skip_existing")}
+    assert len(options) >= 45 and {"--model.num_steps", "--model.rho", "--data.dataset", "--skip_existing", "--grid",
+                                   "--sample_grid.size", "--fid.every_n_epochs", "--seeds", "--out"} <= set(options)
     assert [k for k, v in options.items() if not v] == []
     for choice in ("{ve,edm}", "{heun,euler}", "{digits,mnist,fashion_mnist,cifar10,folder}", "{digits,inception}"):
         assert choice in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["kve-sample", "kve-export"])
+@pytest.mark.parametrize("command", ["sample", "export"])
 def test_installed_commands_have_a_flag_with_help_for_every_sampler_setting(command):
-    proc = subprocess.run([command, "--help"], capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
+    proc = subprocess.run([shutil.which("kve"), command, "--help"], capture_output=True, text=True,
+                          env=os.environ | {"COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     options = option_help(proc.stdout)
     assert [k for k, v in options.items() if not v] == []
     for f in dataclasses.fields(SamplerSettings):
-        flag = f"--{f.name.replace('_', '-')}"
+        flag = f"--model.{f.name}"
         assert options.get(flag), (flag, proc.stdout[-3000:])
-    assert "--steps" in proc.stdout and "{ve,edm}" in proc.stdout
+    assert "--model.num_steps" in proc.stdout and "{ve,edm}" in proc.stdout

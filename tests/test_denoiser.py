@@ -91,7 +91,10 @@ def _run_both(unet, num_steps, s_churn, s_min, s_max, batch=2, seed=0):
     sigmas = torch.cat([scheduler.schedule.flip(0), torch.zeros(1)])
     size = unet.config.sample_size
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn((batch, 3, size, size), generator=g) * scheduler.init_noise_sigma
+    # the pipeline's x_0 is N(0, init_noise_sigma^2) (100, though its schedule starts at sigma_0 = 1e4); our latents
+    # are unit noise scaled by sigma_0 (x_0 = sigma_0 * latents), so pass x_0 / sigma_0
+    x0 = torch.randn((batch, 3, size, size), generator=g) * scheduler.init_noise_sigma
+    latents = x0 / sigmas[0]
     calls_ours, handle = _record_unet_inputs(unet)
     ours = sample_karras_ve(VEDenoiser(unet), latents.shape, sigmas=sigmas, s_churn=s_churn, s_min=s_min,
                             s_max=s_max, s_noise=scheduler.config.s_noise, generator=g, latents=latents)

@@ -46,7 +46,7 @@ def test_ddp_predict_matches_single_process_byte_for_byte(ddp_run, tmp_path):
 
     def predict(devices, out):
         run_kve("predict", DIGITS, *TINY_MODEL_ARGS, f"--ckpt_path={ckpt}", *_ddp(devices), "--trainer.logger=false",
-                "--data.predict_seeds=0-6", "--data.predict_batch_size=2", f"--writer.output_dir={out}",
+                "--seeds=0-6", "--data.predict_batch_size=2", f"--out={out}",
                 cwd=tmp_path)
         return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
@@ -61,7 +61,7 @@ def test_ddp_predict_matches_single_process_byte_for_byte(ddp_run, tmp_path):
 
 def _tiny(**kwargs):
     torch.manual_seed(0)
-    return KarrasVeModule(unet=json.loads(TINY_UNET), num_steps=3, grid_size=0, **kwargs)
+    return KarrasVeModule(unet=json.loads(TINY_UNET), num_steps=3, **kwargs)
 
 
 def _fit(module, tmp_path, **trainer_kwargs):

@@ -17,7 +17,7 @@ from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeSchedul
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from conftest import TINY_UNET, export_script, sample_script
+from conftest import TINY_UNET, assert_refused, export_script, sample_script
 from kve_lightning.interop.export import export_checkpoint
 from kve_lightning.storage import to_unit
 from kve_lightning.lit.module import KarrasVeModule
@@ -27,14 +27,15 @@ from kve_lightning.interop.pipeline import KarrasVeLightningPipeline
 EXPORTED_FILES = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                   "scheduler/scheduler_config.json"}
 
-# Runs the installed kve-sample with pickle loading and network connections replaced by an error.
+# Runs `python -m kve_lightning ARGS` (what the installed `kve` runs) with pickle loading and network connections
+# replaced by an error.
 NO_PICKLE_NO_NETWORK = """
 import pickle, runpy, socket, sys, torch
 def forbidden(*args, **kwargs):
     raise AssertionError("pickle or network used on the sampling path")
 torch.load = pickle.load = pickle.loads = socket.socket.connect = forbidden
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+sys.argv = ["kve", *sys.argv[1:]]
+runpy.run_module("kve_lightning", run_name="__main__", alter_sys=True)
 """
 
 
@@ -51,7 +52,7 @@ def exported(trained_run, tmp_path_factory):
     """The `kve fit` checkpoint of ``trained_run`` and its export by the script: (checkpoint, folder)."""
     _, ckpt = trained_run
     out = tmp_path_factory.mktemp("export") / "model"
-    export_script(["--ckpt", str(ckpt), "--out", str(out)])
+    export_script(["--ckpt_path", str(ckpt), "--out", str(out)])
     return ckpt, out
 
 
@@ -59,7 +60,7 @@ def exported(trained_run, tmp_path_factory):
 def rgb_ckpt(tmp_path_factory):
     """A 3-channel checkpoint written by Lightning after one training step (EMA on, as in `kve fit`)."""
     torch.manual_seed(0)
-    module = KarrasVeModule(image_size=8, channels=3, unet=json.loads(TINY_UNET), num_steps=3, grid_size=0)
+    module = KarrasVeModule(image_size=8, channels=3, unet=json.loads(TINY_UNET), num_steps=3)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(torch.rand(4, 3, 8, 8) * 2 - 1, batch_size=4))
@@ -81,6 +82,8 @@ def test_export_holds_ema_weights_and_sampler_settings_as_safetensors_and_json(e
     config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     hparams = checkpoint["hyper_parameters"]
     assert SamplerSettings.from_mapping(config) == SamplerSettings.from_mapping(hparams)
+    assert (config["train_sigma_min"], config["train_sigma_max"]) == (hparams["train_sigma_min"],
+                                                                      hparams["train_sigma_max"])
     assert all(k in config for k in SamplerSettings().to_dict())  # every setting written out
     assert json.loads((out / "unet" / "config.json").read_text())["sample_size"] == hparams["image_size"]
 
@@ -101,19 +104,20 @@ def test_from_pretrained_gives_the_checkpoint_images(exported):
 
 def test_sample_script_from_folder_offline_and_without_pickle_writes_the_checkpoint_pngs(exported, tmp_path):
     ckpt, out = exported
-    seeds = ["--seeds", "3-7,11", "--grid"]
+    seeds = ["--seeds", "3-7,11", "--grid", "true"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", NO_PICKLE_NO_NETWORK, shutil.which("kve-sample"),
-                           "--model", str(out), "--out", str(tmp_path / "model"), "--batch-size", "4", *seeds],
+    proc = subprocess.run([sys.executable, "-c", NO_PICKLE_NO_NETWORK, "sample",
+                           "--pipeline", str(out), "--out", str(tmp_path / "model"), "--batch_size", "4", *seeds],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "ckpt"), *seeds])
+    sample_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "ckpt"), *seeds])
     expected = pngs(tmp_path / "ckpt")
-    assert len(expected) == 7 and pngs(tmp_path / "model") == expected
-    flags = ["--seeds", "2", "--steps", "3", "--schedule", "edm", "--solver", "euler", "--s-churn", "5"]
-    sample_script(["--model", str(out), "--out", str(tmp_path / "model_flags"), *flags])
-    sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "ckpt_flags"), *flags])
-    assert len(pngs(tmp_path / "model_flags")) == 1 and pngs(tmp_path / "model_flags") == pngs(tmp_path / "ckpt_flags")
+    assert len(expected) == 7 and "grid.png" in expected and pngs(tmp_path / "model") == expected
+    flags = ["--seeds", "2", "--model.num_steps", "3", "--model.schedule", "edm", "--model.solver", "euler",
+             "--model.s_churn", "5"]
+    sample_script(["--pipeline", str(out), "--out", str(tmp_path / "model_flags"), *flags])
+    sample_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "ckpt_flags"), *flags])
+    assert len(pngs(tmp_path / "model_flags")) == 2 and pngs(tmp_path / "model_flags") == pngs(tmp_path / "ckpt_flags")
 
 
 def test_diffusers_karras_ve_pipeline_runs_the_exported_unet(rgb_ckpt, tmp_path):
@@ -174,13 +178,10 @@ class RunsCode:
 def test_export_bad_checkpoint_exits_2_with_one_line_and_writes_nothing(trained_run, tmp_path, capsys, kind, needle):
     _, ckpt = trained_run
     bad = _bad_checkpoints(tmp_path, ckpt)[kind]
-    before = set(os.listdir(tmp_path))
-    with pytest.raises(SystemExit) as exit_info:
-        export_script(["--ckpt", str(bad), "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("kve-export: error: ") and err.count("\n") == 1, err
-    assert bad.name in err and needle in err
-    assert set(os.listdir(tmp_path)) == before  # no output folder, no temporary folder, and evil.ckpt ran nothing
+    # nothing under tmp_path changes: no output folder, no temporary folder, and evil.ckpt ran nothing
+    line = assert_refused(lambda: export_script(["--ckpt_path", str(bad), "--out", str(tmp_path / "out")]), capsys,
+                          bad.name, needle, folder=tmp_path)
+    assert line.startswith("kve export: error: "), line
 
 
 def test_export_refuses_a_non_empty_folder_unless_overwrite(exported, tmp_path, capsys):
@@ -188,27 +189,23 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(exported, tmp_path, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit) as exit_info:
-        export_script(["--ckpt", str(ckpt), "--out", str(out)])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and str(out) in err and "--overwrite" in err and err.count("\n") == 1
+    assert_refused(lambda: export_script(["--ckpt_path", str(ckpt), "--out", str(out)]), capsys, str(out),
+                   "--overwrite true", folder=tmp_path)
     assert files(out) == {"keep.txt"}
-    with pytest.raises(SystemExit) as exit_info:  # --overwrite replaces an earlier export only
-        export_script(["--ckpt", str(ckpt), "--out", str(out), "--overwrite"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "earlier export only" in err and "keep.txt" in err
+    # --overwrite true replaces an earlier export only
+    assert_refused(lambda: export_script(["--ckpt_path", str(ckpt), "--out", str(out), "--overwrite", "true"]),
+                   capsys, "earlier export only", "keep.txt", folder=tmp_path)
     assert files(out) == {"keep.txt"}
     (out / "keep.txt").unlink()
-    export_script(["--ckpt", str(ckpt), "--out", str(out)])
+    export_script(["--ckpt_path", str(ckpt), "--out", str(out)])
     (out / "unet" / "stale.bin").write_text("")
-    export_script(["--ckpt", str(ckpt), "--out", str(out), "--overwrite"])
+    export_script(["--ckpt_path", str(ckpt), "--out", str(out), "--overwrite", "true"])
     assert files(out) == EXPORTED_FILES and os.listdir(tmp_path) == ["out"]
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit) as exit_info:
-        export_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "file"), "--overwrite"])
-    assert exit_info.value.code == 2 and "not a directory" in capsys.readouterr().err
+    assert_refused(lambda: export_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "file"),
+                                          "--overwrite", "true"]), capsys, "not a directory", folder=tmp_path)
     (tmp_path / "empty").mkdir()
-    export_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "empty")])  # an empty folder is fine
+    export_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "empty")])  # an empty folder is fine
     assert files(tmp_path / "empty") == EXPORTED_FILES
 
 
@@ -238,18 +235,14 @@ def test_loading_a_folder_without_unet_is_a_clear_error(exported, tmp_path, caps
     with pytest.raises(ValueError, match="has no unet"):
         KarrasVeLightningPipeline.from_pretrained(broken)
     for folder in (broken, tmp_path / "missing"):
-        with pytest.raises(SystemExit) as exit_info:
-            sample_script(["--model", str(folder), "--out", str(tmp_path / "o")])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and str(folder) in err and err.count("\n") == 1, err
+        assert_refused(lambda: sample_script(["--pipeline", str(folder), "--out", str(tmp_path / "o")]), capsys,
+                       str(folder), folder=tmp_path)
         assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("source", [[], ["--ckpt", "a.ckpt", "--model", "dir"]])
+@pytest.mark.parametrize("source", [[], ["--ckpt_path", "a.ckpt", "--pipeline", "dir"]])
 def test_sample_script_needs_exactly_one_source(tmp_path, capsys, source):
-    with pytest.raises(SystemExit) as exit_info:
-        sample_script([*source, "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "--ckpt" in err and "--model" in err
+    assert_refused(lambda: sample_script([*source, "--out", str(tmp_path / "o")]), capsys, "--ckpt_path",
+                   "--pipeline", folder=tmp_path)
     assert not (tmp_path / "o").exists()
 

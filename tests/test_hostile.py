@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, TINY_MODEL_ARGS, export_script, sample_script
+from conftest import REPO, TINY_MODEL_ARGS, assert_refused, export_script, sample_script
 from kve_lightning.cli import cli_main
 from kve_lightning.lit.data import ImageDataModule, parse_seeds
 from kve_lightning.lit.module import KarrasVeModule
@@ -41,18 +41,6 @@ class Payload:
 
     def __reduce__(self):
         return os.makedirs, (str(self.marker),)
-
-
-def refused(call, capsys, *needles, code=2) -> str:
-    """``call()`` exits with ``code`` and one error line holding every needle (warnings may precede it)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        call()
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert exit_info.value.code == code, err[-3000:]
-    assert len(errors) == 1 and "Traceback" not in err and all(n in errors[0] for n in needles), err[-3000:]
-    return errors[0]
 
 
 def payload_checkpoint(path: Path, marker: Path) -> Path:
@@ -78,9 +66,10 @@ def test_url_checkpoint_is_refused_before_any_request(tmp_path, capsys, monkeypa
     monkeypatch.chdir(tmp_path)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/model.ckpt"
-        for weights_only in ([], ["--weights_only=false"]):
-            refused(lambda: cli_main(["predict", f"--ckpt_path={url}", "--writer.output_dir=out", *weights_only]),
-                    capsys, "kve: error:")
+        for weights_only, needle in (([], "local checkpoint files only"),
+                                     (["--weights_only=false"], "--weights_only false is refused")):
+            assert_refused(lambda: cli_main(["predict", f"--ckpt_path={url}", "--out=out", *weights_only]),
+                           capsys, "kve: error:", needle, folder=tmp_path)
     finally:
         server.shutdown()
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists() and requests == []
@@ -91,8 +80,8 @@ def test_planted_last_ckpt_is_refused_with_one_line(tmp_path, capsys, monkeypatc
     payload_checkpoint(tmp_path / "runs" / "digits" / "checkpoints" / "last.ckpt", tmp_path / "pwned")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     for sub in ("predict", "fit", "validate"):
-        refused(lambda: cli_main([sub, CONFIG, *TINY_MODEL_ARGS, "--ckpt_path=last"]), capsys,
-                "last.ckpt", "would unpickle os.makedirs")
+        assert_refused(lambda: cli_main([sub, CONFIG, *TINY_MODEL_ARGS, "--ckpt_path=last"]), capsys,
+                       "last.ckpt", "would unpickle os.makedirs", folder=tmp_path)
     assert not (tmp_path / "pwned").exists()
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no stray version_0
 
@@ -104,15 +93,17 @@ def test_overwrite_replaces_an_earlier_export_only(trained_run, tmp_path, capsys
     run_ckpt = run / "checkpoints" / "last.ckpt"
     monkeypatch.chdir(tmp_path)
     snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    refused(lambda: export_script(["--ckpt", str(run_ckpt), "--out", str(run), "--overwrite"]), capsys,
-            "holds the working directory or the checkpoint")
-    refused(lambda: export_script(["--ckpt", str(ckpt), "--out", str(run), "--overwrite"]), capsys,
-            "earlier export only", "checkpoints")
-    refused(lambda: export_script(["--ckpt", str(ckpt), "--out", ".", "--overwrite"]), capsys, "working directory")
+    assert_refused(lambda: export_script(["--ckpt_path", str(run_ckpt), "--out", str(run), "--overwrite", "true"]),
+                   capsys, "holds the working directory or the checkpoint", folder=tmp_path)
+    assert_refused(lambda: export_script(["--ckpt_path", str(ckpt), "--out", str(run), "--overwrite", "true"]),
+                   capsys, "earlier export only", "checkpoints", folder=tmp_path)
+    assert_refused(lambda: export_script(["--ckpt_path", str(ckpt), "--out", ".", "--overwrite", "true"]), capsys,
+                   "working directory", folder=tmp_path)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
     assert sorted(os.listdir(tmp_path)) == ["run"]  # no ..XXXX.old folder either
-    export_script(["--ckpt", str(ckpt), "--out", "export"])
-    export_script(["--ckpt", str(ckpt), "--out", "export", "--overwrite", "--steps", "3"])  # an export: replaced
+    export_script(["--ckpt_path", str(ckpt), "--out", "export"])
+    export_script(["--ckpt_path", str(ckpt), "--out", "export", "--overwrite", "true",
+                   "--model.num_steps", "3"])  # an export: replaced
     config = json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())
     assert config["num_steps"] == 3 and sorted(os.listdir(tmp_path)) == ["export", "run"]
 
@@ -124,12 +115,14 @@ def test_non_finite_weights_and_settings_are_refused_naming_them(trained_run, tm
     name = next(k for k in checkpoint["state_dict"] if k.endswith("conv_in.weight"))
     checkpoint["state_dict"][name] = checkpoint["state_dict"][name].clone().fill_(float("nan"))
     torch.save(checkpoint, tmp_path / "nan.ckpt")
-    refused(lambda: sample_script(["--ckpt", "nan.ckpt", "--out", "out"]), capsys, "non-finite", name)
-    refused(lambda: cli_main(["predict", "--ckpt_path=nan.ckpt", "--writer.output_dir=out"]), capsys, name)
-    refused(lambda: export_script(["--ckpt", "nan.ckpt", "--out", "export"]), capsys, name)
+    assert_refused(lambda: sample_script(["--ckpt_path", "nan.ckpt", "--out", "out"]), capsys, "non-finite", name,
+                   folder=tmp_path)
+    assert_refused(lambda: cli_main(["predict", "--ckpt_path=nan.ckpt", "--out=out"]), capsys, name, folder=tmp_path)
+    assert_refused(lambda: export_script(["--ckpt_path", "nan.ckpt", "--out", "export"]), capsys, name,
+                   folder=tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["nan.ckpt"]
 
-    export_script(["--ckpt", str(ckpt), "--out", "good"])
+    export_script(["--ckpt_path", str(ckpt), "--out", "good"])
     weights = tmp_path / "good" / "unet" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(weights)
     for broken, change in (("missing", lambda t: t.pop("conv_in.weight")),
@@ -138,8 +131,8 @@ def test_non_finite_weights_and_settings_are_refused_naming_them(trained_run, tm
         changed = {k: v.clone() for k, v in tensors.items()}
         change(changed)
         save_file(changed, tmp_path / broken / "unet" / "diffusion_pytorch_model.safetensors")
-        refused(lambda: sample_script(["--model", broken, "--out", "out"]), capsys, broken,
-                "conv_in.weight" if broken == "missing" else "conv_in.bias")
+        assert_refused(lambda: sample_script(["--pipeline", broken, "--out", "out"]), capsys, broken,
+                       "conv_in.weight" if broken == "missing" else "conv_in.bias", folder=tmp_path)
     config_path = tmp_path / "good" / "scheduler" / "scheduler_config.json"
     config_path.write_text(config_path.read_text().replace('"s_churn": 80.0', '"s_churn": NaN'))
     with pytest.raises(ValueError, match="s_churn=nan"):
@@ -149,7 +142,7 @@ def test_non_finite_weights_and_settings_are_refused_naming_them(trained_run, tm
 
 def test_broken_pngs_in_a_sample_folder_are_sampled_again(trained_run, tmp_path):
     _, ckpt = trained_run
-    args = ["--ckpt", str(ckpt), "--seeds", "0-4", "--grid"]
+    args = ["--ckpt_path", str(ckpt), "--seeds", "0-4", "--grid", "true"]
     sample_script([*args, "--out", str(tmp_path / "whole")])
     sample_script([*args, "--out", str(tmp_path / "broken")])
     (tmp_path / "broken" / "000001.png").write_bytes(b"")
@@ -165,8 +158,8 @@ def test_written_files_follow_the_umask(trained_run, tmp_path):
     _, ckpt = trained_run
     old = os.umask(0o022)
     try:
-        sample_script(["--ckpt", str(ckpt), "--seeds", "0", "--grid", "--out", str(tmp_path / "s")])
-        export_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "e")])
+        sample_script(["--ckpt_path", str(ckpt), "--seeds", "0", "--grid", "true", "--out", str(tmp_path / "s")])
+        export_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "e")])
     finally:
         os.umask(old)
     for path in [*(tmp_path / "s").iterdir(), *(tmp_path / "e").rglob("*"), tmp_path / "e"]:
@@ -191,10 +184,10 @@ def test_folder_images_of_every_depth_and_mode_load_as_their_values(tmp_path):
 
 def test_divergence_is_one_line_and_exit_code_3(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    refused(lambda: cli_main(["fit", CONFIG, *TINY_MODEL_ARGS, "--model.lr=1e10", "--model.warmup_steps=0",
-                              "--model.max_bad_steps=2", "--trainer.max_steps=20", "--trainer.limit_val_batches=0",
-                              "--trainer.enable_progress_bar=false"]), capsys, "FloatingPointError",
-            "max_bad_steps=2", code=3)
+    assert_refused(lambda: cli_main(["fit", CONFIG, *TINY_MODEL_ARGS, "--model.lr=1e10", "--model.warmup_steps=0",
+                                     "--model.max_bad_steps=2", "--trainer.max_steps=20",
+                                     "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]),
+                   capsys, "FloatingPointError", "max_bad_steps=2", code=3)
 
 
 def test_shipped_configs_train_without_a_logger(tmp_path, monkeypatch):
@@ -206,33 +199,35 @@ def test_seed_and_step_counts_are_bounded_before_any_allocation(capsys, tmp_path
     _, ckpt = trained_run
     with pytest.raises(ValueError, match="more than 1,000,000 seeds"):
         parse_seeds("0-100000000")
-    refused(lambda: sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--seeds", "0-100000000"]),
-            capsys, "1,000,000")
-    refused(lambda: sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--steps", "1000000000000"]),
-            capsys, "num_steps=1000000000000")
+    assert_refused(lambda: sample_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "o"), "--seeds",
+                                          "0-100000000"]), capsys, "1,000,000", folder=tmp_path)
+    assert_refused(lambda: sample_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "o"), "--model.num_steps",
+                                          "1000000000000"]), capsys, "num_steps=1000000000000", folder=tmp_path)
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("flags, needles", [
     (["--device", "bogus"], ["'bogus'", "not a torch device"]),
     (["--device", "cuda:7"], ["'cuda:7'", "not available"]),
-    (["--grid"], ["grid.png", "is a directory"]),
+    (["--grid", "true"], ["grid.png", "is a directory"]),
 ])
 def test_sample_refuses_bad_devices_and_a_grid_folder(trained_run, tmp_path, capsys, flags, needles):
     _, ckpt = trained_run
     (tmp_path / "out" / "grid.png").mkdir(parents=True)
-    refused(lambda: sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--seeds", "0", *flags]),
-            capsys, *needles)
+    assert_refused(lambda: sample_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "out"), "--seeds", "0",
+                                          *flags]), capsys, *needles, folder=tmp_path)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["grid.png"]
 
 
 def test_messages_say_what_is_wrong_with_a_path(trained_run, tmp_path, capsys):
     _, ckpt = trained_run
     (tmp_path / "empty.ckpt").write_bytes(b"")
-    refused(lambda: sample_script(["--ckpt", str(tmp_path / "empty.ckpt"), "--out", str(tmp_path / "o")]), capsys,
-            "not a readable checkpoint: ", "Error")
-    refused(lambda: sample_script(["--model", str(ckpt), "--out", str(tmp_path / "o")]), capsys, "is a file")
-    refused(lambda: sample_script(["--ckpt", str(tmp_path), "--out", str(tmp_path / "o")]), capsys, "is a directory")
+    assert_refused(lambda: sample_script(["--ckpt_path", str(tmp_path / "empty.ckpt"), "--out", str(tmp_path / "o")]),
+                   capsys, "not a readable checkpoint: ", "Error", folder=tmp_path)
+    assert_refused(lambda: sample_script(["--pipeline", str(ckpt), "--out", str(tmp_path / "o")]), capsys, "is a file",
+                   folder=tmp_path)
+    assert_refused(lambda: sample_script(["--ckpt_path", str(tmp_path), "--out", str(tmp_path / "o")]), capsys,
+                   "is a directory", folder=tmp_path)
 
 
 def test_cleanup_deletes_only_temporaries_of_dead_writers(tmp_path):
@@ -257,19 +252,19 @@ def test_cleanup_deletes_only_temporaries_of_dead_writers(tmp_path):
 
 @pytest.mark.parametrize("same", [True, False], ids=["same settings", "other settings"])
 def test_two_processes_racing_on_one_folder(trained_run, tmp_path, same):
-    """Two kve-sample processes started together on one new folder: with the same settings both finish and the
+    """Two `kve sample` processes started together on one new folder: with the same settings both finish and the
     folder is a clean run's; with other settings exactly one wins, the other is refused, and the folder is the
     winner's alone."""
     _, ckpt = trained_run
-    command = [shutil.which("kve-sample"), "--ckpt", str(ckpt), "--seeds", "0-15", "--batch-size", "4"]
-    flags = [["--steps", "3"], ["--steps", "3" if same else "2"]]
+    command = [shutil.which("kve"), "sample", "--ckpt_path", str(ckpt), "--seeds", "0-15", "--batch_size", "4"]
+    flags = [["--model.num_steps", "3"], ["--model.num_steps", "3" if same else "2"]]
     procs = [subprocess.Popen([*command, *f, "--out", str(tmp_path / "race")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for f in flags]
     codes = [p.wait(timeout=300) for p in procs]
     errors = [p.stderr.read() for p in procs]
     assert sorted(codes) == ([0, 0] if same else [0, 2]), errors
     winner = flags[codes.index(0)]
-    sample_script(["--ckpt", str(ckpt), "--seeds", "0-15", *winner, "--out", str(tmp_path / "clean")])
+    sample_script(["--ckpt_path", str(ckpt), "--seeds", "0-15", *winner, "--out", str(tmp_path / "clean")])
     race, clean = ({p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} for d in ("race", "clean"))
     assert race == clean
 
@@ -295,12 +290,12 @@ def test_a_seeds_image_does_not_depend_on_its_batch(trained_run):
 
 def test_an_export_naming_another_scheduler_is_refused_before_writing(trained_run, tmp_path, capsys):
     _, ckpt = trained_run
-    export_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "e")])
+    export_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "e")])
     index = tmp_path / "e" / "model_index.json"
     index.write_text(json.dumps(json.loads(index.read_text()) | {"scheduler": ["diffusers", "DDPMScheduler"]}))
     (tmp_path / "e" / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDPMScheduler"}')
-    refused(lambda: sample_script(["--model", str(tmp_path / "e"), "--out", str(tmp_path / "o")]), capsys,
-            "DDPMScheduler")
+    assert_refused(lambda: sample_script(["--pipeline", str(tmp_path / "e"), "--out", str(tmp_path / "o")]), capsys,
+                   "DDPMScheduler", folder=tmp_path)
     assert not (tmp_path / "o").exists()
 
 
@@ -308,15 +303,15 @@ def test_a_dangling_manifest_link_is_not_a_missing_manifest(trained_run, tmp_pat
     _, ckpt = trained_run
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "manifest.json").symlink_to(tmp_path / "nowhere.json")
-    refused(lambda: sample_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--seeds", "0"]), capsys,
-            "manifest.json", "cannot read")
+    assert_refused(lambda: sample_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "out"), "--seeds", "0"]),
+                   capsys, "manifest.json", "cannot read", folder=tmp_path)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["manifest.json"]
 
 
 def test_ckpt_path_best_needs_a_monitored_metric(trained_run, capsys, tmp_path, monkeypatch):
     root, _ = trained_run
     monkeypatch.chdir(tmp_path)
-    refused(lambda: cli_main(["predict", CONFIG, *TINY_MODEL_ARGS, "--ckpt_path=best",
-                              f"--trainer.default_root_dir={root / 'runs' / 'digits'}", "--writer.output_dir=out"]),
-            capsys, "--ckpt_path best", "monitors a metric")
+    assert_refused(lambda: cli_main(["predict", CONFIG, *TINY_MODEL_ARGS, "--ckpt_path=best",
+                                     f"--trainer.default_root_dir={root / 'runs' / 'digits'}", "--out=out"]),
+                   capsys, "--ckpt_path best", "monitors a metric", folder=tmp_path)
     assert list(tmp_path.iterdir()) == []

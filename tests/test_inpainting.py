@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_refused, export_script
 from kve_lightning import ImageDataModule
+from kve_lightning.cli import cli_main
 from kve_lightning.exact import GaussianMixture
 from kve_lightning.storage import to_unit
 from kve_lightning.sampling import inpaint_karras_ve, sample_karras_ve
@@ -129,12 +131,11 @@ def test_benchmark_script_runs_and_resampling_helps(monkeypatch):
     assert best["weight_error"] < first["weight_error"] and best["sliced_w2"] < first["sliced_w2"]
 
 
-# ---------------------------------------------------------------- kve-inpaint and the validation grid
+# ---------------------------------------------------------------- kve inpaint and the validation grid
 
 def inpaint(*argv):
-    from kve_lightning.commands import inpaint_main
-
-    inpaint_main([str(a) for a in argv])
+    """``kve inpaint ARGV``, in process."""
+    cli_main(["inpaint", *map(str, argv)])
 
 
 def pngs(folder):
@@ -142,13 +143,14 @@ def pngs(folder):
 
 
 def test_kve_inpaint_keeps_the_known_pixels_and_resumes_to_the_same_bytes(trained_run, tmp_path, capsys):
-    """--split val, bottom half masked: each completion's top half is the original's 8-bit top half; a rerun after
-    losing one PNG and truncating another gives the uninterrupted run's bytes; other settings are refused."""
+    """The held-out split (no --images), bottom half masked: each completion's top half is the original's 8-bit top
+    half; a rerun after losing one PNG and truncating another gives the uninterrupted run's bytes; other settings are
+    refused."""
     from kve_lightning.storage import read_png, to_pil
     from kve_lightning.masks import parse_mask
 
     _, ckpt = trained_run
-    args = ["--ckpt", ckpt, "--split", "val", "--n", 3, "--mask", "bottom", "--seeds", "0-1", "--steps", 3]
+    args = ["--ckpt_path", ckpt, "--n", 3, "--mask", "bottom", "--seeds", "0-1", "--model.num_steps", 3]
     inpaint(*args, "--out", tmp_path / "a")
     first = pngs(tmp_path / "a")
     assert sorted(first) == sorted([f"{i:05d}_{s:06d}.png" for i in range(3) for s in (0, 1)] + ["grid.png", "mask.png"])
@@ -170,28 +172,46 @@ def test_kve_inpaint_keeps_the_known_pixels_and_resumes_to_the_same_bytes(traine
     inpaint(*args, "--out", tmp_path / "a")
     assert pngs(tmp_path / "a") == first
     assert "wrote 2 completions" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        inpaint(*args, "--out", tmp_path / "a", "--resample", 3)
-    assert exit_info.value.code == 2 and "resample" in capsys.readouterr().err
+    line = assert_refused(lambda: inpaint(*args, "--out", tmp_path / "a", "--resample", 3), capsys, "resample",
+                          folder=tmp_path)
+    assert line.startswith("kve inpaint: error:"), line
     assert pngs(tmp_path / "a") == first
 
 
 def test_kve_inpaint_export_folder_and_mask_file_give_the_checkpoints_bytes(trained_run, tmp_path):
-    """--model (a kve-export folder) equals --ckpt; a mask PNG of the bottom half equals --mask bottom; --images
-    reads a folder of the model's size."""
-    from kve_lightning.commands import export_main
-
+    """--pipeline (a `kve export` folder) equals --ckpt_path; a mask PNG of the bottom half equals --mask bottom;
+    --images reads a folder of the model's size."""
     _, ckpt = trained_run
-    export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "export")])
+    export_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "export")])
     (tmp_path / "images").mkdir()
     for k in range(2):
         Image.fromarray((np.arange(64).reshape(8, 8) * (2 + k)).astype(np.uint8)).save(tmp_path / "images" / f"{k}.png")
     Image.fromarray(np.repeat([0, 255], 32).reshape(8, 8).astype(np.uint8)).save(tmp_path / "bottom.png")
-    common = ["--images", tmp_path / "images", "--seeds", "4", "--steps", 3]
-    inpaint("--ckpt", ckpt, "--mask", "bottom", *common, "--out", tmp_path / "ckpt")
-    inpaint("--model", tmp_path / "export", "--mask", tmp_path / "bottom.png", *common, "--out", tmp_path / "model")
+    common = ["--images", tmp_path / "images", "--seeds", "4", "--model.num_steps", 3]
+    inpaint("--ckpt_path", ckpt, "--mask", "bottom", *common, "--out", tmp_path / "ckpt")
+    inpaint("--pipeline", tmp_path / "export", "--mask", tmp_path / "bottom.png", *common, "--out",
+            tmp_path / "model")
     a, b = pngs(tmp_path / "ckpt"), pngs(tmp_path / "model")
     assert sorted(a) == ["00000_000004.png", "00001_000004.png", "grid.png", "mask.png"] and a == b
+
+
+def test_the_validation_grid_is_kve_inpaints_grid(trained_run, tmp_path):
+    """InpaintingGrid.images (what validation logs) of the first 3 held-out images with 2 completions is the grid.png
+    of `kve inpaint` with the checkpoint's settings and seeds 0-1, to the 8-bit rounding of its PNGs."""
+    from kve_lightning.lit.callbacks import InpaintingGrid
+    from kve_lightning.lit.module import KarrasVeModule
+    from kve_lightning.storage import read_png
+
+    _, ckpt = trained_run
+    inpaint("--ckpt_path", ckpt, "--n", 3, "--mask", "bottom", "--seeds", "0-1", "--out", tmp_path)
+    data = ImageDataModule()
+    data.setup("fit")
+    originals = torch.stack([data.val_set[i] for i in range(3)])
+    grid = InpaintingGrid(images=3, completions=2, mask="bottom").images(KarrasVeModule.from_checkpoint(ckpt),
+                                                                        originals)
+    written = read_png(tmp_path / "grid.png").float() / 255
+    assert grid.shape == written.shape == (3, 3 * 9 + 1, 4 * 9 + 1)
+    torch.testing.assert_close(grid, written, rtol=0, atol=1.01 / 255)
 
 
 def test_validation_logs_an_inpainting_grid(trained_run):

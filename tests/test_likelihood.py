@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import export_script
-from kve_lightning.commands import likelihood_main
+from conftest import assert_refused, export_script
+from kve_lightning.cli import cli_main
 from kve_lightning.exact import GaussianMixture
 from kve_lightning.likelihood import bits_per_dim, log_likelihood
 
@@ -146,26 +146,27 @@ def test_bits_per_dim_needs_two_levels_or_more(levels):
 
 def test_kve_likelihood_reports_the_same_bits_from_checkpoint_and_export(trained_run, tmp_path):
     _, ckpt = trained_run
-    export_script(["--ckpt", str(ckpt), "--out", str(tmp_path / "e")])
-    common = ["--n", "6", "--steps", "2", "--batch-size", "4"]
-    likelihood_main(["--ckpt", str(ckpt), *common, "--out", str(tmp_path / "ckpt.json")])
-    likelihood_main(["--model", str(tmp_path / "e"), *common, "--out", str(tmp_path / "model.json")])
+    export_script(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "e")])
+    common = ["--n", "6", "--ode_steps", "2", "--batch_size", "4"]
+    cli_main(["likelihood", "--ckpt_path", str(ckpt), *common, "--out", str(tmp_path / "ckpt.json")])
+    cli_main(["likelihood", "--pipeline", str(tmp_path / "e"), *common, "--out", str(tmp_path / "model.json")])
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ckpt", "model"))
     assert a["images"] == 6 and a["levels"] == 17 and a["nfe_per_image"] == 8 and a["split"] == "val"
+    assert a["dataset"] == b["dataset"] == "digits" and a["split_seed"] == b["split_seed"]  # the checkpoint's split
     assert math.isfinite(a["bits_per_dim"]) and a["stderr"] > 0
     assert b["bits_per_dim"] == pytest.approx(a["bits_per_dim"], rel=1e-6)
 
 
-@pytest.mark.parametrize("flags, needle", [(["--steps", "0"], "--steps"), (["--probes", "0"], "--probes"),
-                                           (["--n", "0"], "--n"), (["--out", "{tmp}"], "is a directory"),
+@pytest.mark.parametrize("flags, needle", [(["--ode_steps", "0"], "--ode_steps"), (["--probes", "0"], "--probes"),
+                                           (["--n", "0"], "--n"), (["--batch_size", "0"], "--batch_size"),
+                                           (["--out", "{tmp}"], "is a directory"),
                                            (["--out", "{tmp}/no/r.json"], "does not exist")])
 def test_kve_likelihood_bad_input(trained_run, tmp_path, capsys, flags, needle):
     _, ckpt = trained_run
-    args = ["--ckpt", str(ckpt), "--out", str(tmp_path / "r.json"), *[f.format(tmp=tmp_path) for f in flags]]
-    with pytest.raises(SystemExit) as exit_info:
-        likelihood_main(args)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and needle in err and err.startswith("kve-likelihood: error:"), err
+    args = ["likelihood", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "r.json"),
+            *[f.format(tmp=tmp_path) for f in flags]]
+    line = assert_refused(lambda: cli_main(args), capsys, needle, folder=tmp_path)
+    assert line.startswith("kve likelihood: error:"), line
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,4 +1,4 @@
-"""KarrasVeModule: the loss, EMA, sampling by seed, and a short real training run."""
+"""KarrasVeModule: the loss, EMA, sampling by seed, a short real training run, and the FID callback."""
 
 import json
 import math
@@ -9,15 +9,16 @@ import torch
 
 from conftest import TINY_UNET
 from kve_lightning import ImageDataModule, KarrasVeModule
+from kve_lightning.denoiser import dsm_loss
+from kve_lightning.lit.callbacks import FID
 from kve_lightning.lit.ema import EMA, ema_update
-from kve_lightning.lit.module import dsm_loss
 
 UNET = json.loads(TINY_UNET)
 
 
 def tiny_module(**kwargs):
     torch.manual_seed(0)
-    return KarrasVeModule(**(dict(unet=UNET, num_steps=4, grid_size=4) | kwargs))
+    return KarrasVeModule(**(dict(unet=UNET, num_steps=4) | kwargs))
 
 
 def test_dsm_loss_is_f_plus_eps_squared():
@@ -72,7 +73,7 @@ def test_ema_warmup_tracks_early_weights():
 def test_short_training_run_lowers_validation_loss(tmp_path):
     """~300 steps of the tiny UNet on digits bring val/loss clearly below its value at initialisation."""
     L.seed_everything(0)
-    module = tiny_module(lr=2e-3, warmup_steps=20, grid_size=0)
+    module = tiny_module(lr=2e-3, warmup_steps=20)
     data = ImageDataModule(batch_size=64)
     trainer = L.Trainer(max_steps=300, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=1000,
@@ -120,10 +121,11 @@ def test_consecutive_non_finite_steps_stop_with_error():
 
 
 def test_fid_logged_in_validation(tmp_path):
-    module = tiny_module(fid_every_n_epochs=1, fid_num_samples=16, grid_size=0, num_steps=2)
+    module = tiny_module(num_steps=2)
     trainer = L.Trainer(max_steps=2, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[FID(every_n_epochs=1, num_samples=16)])
     trainer.fit(module, ImageDataModule(batch_size=8))
     fid = trainer.callback_metrics["val/fid"]
     assert torch.isfinite(fid) and fid > 0

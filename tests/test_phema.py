@@ -1,5 +1,5 @@
 """Post-hoc EMA (EDM2): the sigma_rel <-> gamma map, the power-function EMA's exact step weights, the least-squares
-reconstruction (against an EMA tracked directly, on random walks and in a real run), resume, and kve-phema."""
+reconstruction (against an EMA tracked directly, on random walks and in a real run), resume, and kve phema."""
 
 import json
 import math
@@ -13,13 +13,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import parameters_to_vector
 
-from conftest import REPO, TINY_MODEL_ARGS, TINY_UNET, sample_script
+from conftest import REPO, TINY_MODEL_ARGS, TINY_UNET, assert_refused, folder_state, sample_script
 from kve_lightning import ImageDataModule, KarrasVeModule
-from kve_lightning.interop.checkpoint import read_checkpoint
 from kve_lightning.cli import cli_main
-from kve_lightning.commands import phema_main
-from kve_lightning.phema import (GAMMA_AT_STD_MAX, STD_MAX, PostHocEMA, Snapshot, combine, ema_beta, gamma_to_std,
-                                 list_snapshots, profile_inner, profile_weights, reconstruction, std_to_gamma)
+from kve_lightning.interop.checkpoint import read_checkpoint
+from kve_lightning.lit.ema import PostHocEMA
+from kve_lightning.phema import (GAMMA_AT_STD_MAX, STD_MAX, Snapshot, combine, ema_beta, gamma_to_std, list_snapshots,
+                                 profile_inner, profile_weights, reconstruction, std_to_gamma)
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -132,7 +132,7 @@ def test_reconstruction_matches_an_ema_tracked_directly(tmp_path):
     dw = sum(x_k * profile_weights(s.t, std_to_gamma(s.std), T) for x_k, s in zip(x, planned))
     trajectory = Trajectory(dw - profile_weights(T, std_to_gamma(0.07), T))
     L.seed_everything(0)
-    module = KarrasVeModule(unet=json.loads(TINY_UNET), num_steps=2, grid_size=0, lr=1e-3, warmup_steps=0)
+    module = KarrasVeModule(unet=json.loads(TINY_UNET), num_steps=2, lr=1e-3, warmup_steps=0)
     trainer = L.Trainer(max_steps=T, limit_train_batches=3, limit_val_batches=1, check_val_every_n_epoch=5,
                         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, callbacks=[
@@ -225,15 +225,12 @@ def test_snapshots_and_averages_survive_resume_and_the_ema_is_unaffected(tmp_pat
 
     # a fresh run into a folder holding snapshots would mix two runs: refused before any step
     monkeypatch.chdir(tmp_path / "whole")
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", *FIT_ARGS, "--trainer.max_epochs=1", *PHEMA])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "already holds snapshots" in err and str(SNAPSHOTS) in err, err[-2000:]
+    assert_refused(lambda: cli_main(["fit", *FIT_ARGS, "--trainer.max_epochs=1", *PHEMA]), capsys,
+                   "already holds snapshots", str(SNAPSHOTS), folder=tmp_path / "whole" / SNAPSHOTS)
     # also with other stds: both runs start at step 0, so nothing else would tell their snapshots apart
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", *FIT_ARGS, "--trainer.max_epochs=1", "--model.phema_stds=[0.07]",
-                  "--model.phema_every_n_steps=3"])
-    assert exit_info.value.code == 2 and "already holds snapshots" in capsys.readouterr().err
+    assert_refused(lambda: cli_main(["fit", *FIT_ARGS, "--trainer.max_epochs=1", "--model.phema_stds=[0.07]",
+                                     "--model.phema_every_n_steps=3"]), capsys, "already holds snapshots",
+                   folder=tmp_path / "whole" / SNAPSHOTS)
     assert torch.load(LAST, weights_only=True)["global_step"] == 12
 
 
@@ -244,7 +241,7 @@ def test_bad_phema_settings_are_refused_when_the_module_is_built():
             KarrasVeModule(unet=json.loads(TINY_UNET), phema_stds=stds, phema_every_n_steps=every)
 
 
-# ---------------------------------------------------------------------------------------------- kve-phema
+# ---------------------------------------------------------------------------------------------- kve phema
 
 
 @pytest.fixture(scope="module")
@@ -261,26 +258,31 @@ def phema_run(tmp_path_factory):
     return root / "runs" / "digits", root / LAST
 
 
-def run_phema(capsys, *args: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        phema_main(list(args))
-        raise SystemExit(0)
+def phema_main(argv: list[str]) -> None:
+    """``kve phema ARGV``, in process."""
+    cli_main(["phema", *argv])
+
+
+def run_phema(capsys, *args: str) -> str:
+    """``kve phema ARGS``, which must succeed: its stdout and stderr."""
+    capsys.readouterr()
+    phema_main(list(args))
     captured = capsys.readouterr()
-    return exit_info.value.code, captured.out + captured.err
+    return captured.out + captured.err
 
 
 def test_kve_phema_lists_and_writes_a_checkpoint_and_an_export_that_sample_alike(phema_run, tmp_path, capsys):
     run, ckpt = phema_run
-    code, out = run_phema(capsys, "--snapshots", str(run), "--list")
-    assert code == 0 and out.count("std 0.0500") == out.count("std 0.1000") == 3, out
+    out = run_phema(capsys, "--snapshots", str(run), "--list", "true")
+    assert out.count("std 0.0500") == out.count("std 0.1000") == 3, out
     assert "reconstructible at step 6 with profile error <= 0.05: std 0.045 to 0.13" in out, out
     snapshots = list_snapshots(run / "phema")
     errors = {std: reconstruction(snapshots, std)[1] for std in (0.04, 0.045, 0.13, 0.135)}
     assert errors[0.04] > 0.05 >= errors[0.045] and errors[0.13] <= 0.05 < errors[0.135], errors  # the 0.005 grid
 
-    code, out = run_phema(capsys, "--snapshots", str(run / "phema"), "--ckpt", str(ckpt), "--std", "0.07,0.12",
-                          "--out", str(tmp_path / "p-{std}.ckpt"), "--export", str(tmp_path / "export-{std}"))
-    assert code == 0 and "std 0.07 at step 6 from 6 snapshots" in out, out
+    out = run_phema(capsys, "--snapshots", str(run / "phema"), "--ckpt_path", str(ckpt), "--std", "0.07,0.12",
+                    "--out", str(tmp_path / "p-{std}.ckpt"), "--export", str(tmp_path / "export-{std}"))
+    assert "std 0.07 at step 6 from 6 snapshots" in out, out
     written = read_checkpoint(tmp_path / "p-0.07.ckpt")
     x, error, step = reconstruction(snapshots, 0.07)
     assert written["phema"] == {"std": 0.07, "step": 6, "profile_error": error, "coefficients": x.tolist(),
@@ -292,13 +294,18 @@ def test_kve_phema_lists_and_writes_a_checkpoint_and_an_export_that_sample_alike
     assert all(torch.equal(written["state_dict"][n], v) for n, v in expected.items())
     assert not torch.equal(written["state_dict"]["denoiser.unet.conv_in.weight"],
                            read_checkpoint(tmp_path / "p-0.12.ckpt")["state_dict"]["denoiser.unet.conv_in.weight"])
+    # --overwrite true replaces an existing --out (refused without it: the bad-input test)
+    (tmp_path / "p-0.12.ckpt").write_bytes(b"mine")
+    run_phema(capsys, "--snapshots", str(run), "--ckpt_path", str(ckpt), "--std", "0.12",
+              "--out", str(tmp_path / "p-0.12.ckpt"), "--overwrite", "true")
+    assert read_checkpoint(tmp_path / "p-0.12.ckpt")["phema"]["std"] == 0.12
 
-    sample_script(["--ckpt", str(tmp_path / "p-0.07.ckpt"), "--seeds", "0-2", "--out", str(tmp_path / "a")])
-    sample_script(["--model", str(tmp_path / "export-0.07"), "--seeds", "0-2", "--out", str(tmp_path / "b")])
+    sample_script(["--ckpt_path", str(tmp_path / "p-0.07.ckpt"), "--seeds", "0-2", "--out", str(tmp_path / "a")])
+    sample_script(["--pipeline", str(tmp_path / "export-0.07"), "--seeds", "0-2", "--out", str(tmp_path / "b")])
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == {
         p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
     cli_main(["predict", CONFIG, *TINY_MODEL_ARGS, f"--ckpt_path={tmp_path / 'p-0.07.ckpt'}",
-              "--data.predict_seeds=0-2", f"--writer.output_dir={tmp_path / 'c'}", f"--trainer.default_root_dir={tmp_path}",
+              "--seeds=0-2", f"--out={tmp_path / 'c'}", f"--trainer.default_root_dir={tmp_path}",
               "--trainer.enable_progress_bar=false", "--trainer.logger=false"])
     assert (tmp_path / "c" / "000002.png").read_bytes() == (tmp_path / "a" / "000002.png").read_bytes()
 
@@ -313,12 +320,13 @@ def other_architecture(path: Path) -> Path:
     ("no snapshots", "holds no post-hoc EMA snapshots"),
     ("unknown folder", "is not a folder"),
     ("std too wide", "outside (0, 0.3003)"),
-    ("std not reconstructible", "profile error at step 6 is 0.072 > --max-error 0.05"),
+    ("std not reconstructible", "profile error at step 6 is 0.072 > --max_error 0.05"),
     ("std not a number", "'abc' is not a number"),
     ("architecture", "the snapshots do not fit checkpoint"),
     ("several stds, one file", "must contain {std}"),
-    ("existing out", "exists (pass --overwrite"),
-    ("no ckpt", "give --std, --ckpt and --out"),
+    ("existing out", "exists (pass --overwrite true"),
+    ("out is the checkpoint", "is --ckpt_path"),
+    ("no ckpt", "give --std, --ckpt_path and --out"),
 ])
 def test_kve_phema_bad_input_exits_2_and_writes_nothing(phema_run, tmp_path, capsys, case, message):
     run, ckpt = phema_run
@@ -333,12 +341,15 @@ def test_kve_phema_bad_input_exits_2_and_writes_nothing(phema_run, tmp_path, cap
         base = str(other_architecture(tmp_path / "other.ckpt"))
     elif case == "existing out":
         out = str(tmp_path / "existing.ckpt")
+    elif case == "out is the checkpoint":
+        out = base
     else:
         std = {"std too wide": "0.5", "std not reconstructible": "0.15", "std not a number": "abc",
                "several stds, one file": "0.07,0.08"}.get(case, std)
-    before = sorted(p.name for p in tmp_path.iterdir()), sorted(p.name for p in (run / "phema").iterdir())
+    before = folder_state(run / "phema")
     args = ["--snapshots", snapshots, "--std", std, "--out", out, "--export", str(tmp_path / "export")]
-    code, err = run_phema(capsys, *args, *([] if case == "no ckpt" else ["--ckpt", base]))
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
-    assert (sorted(p.name for p in tmp_path.iterdir()), sorted(p.name for p in (run / "phema").iterdir())) == before
+    args += [] if case == "no ckpt" else ["--ckpt_path", base]
+    line = assert_refused(lambda: phema_main(args), capsys, message, folder=tmp_path)
+    assert line.startswith("kve phema: error:"), line
+    assert folder_state(run / "phema") == before
     assert (tmp_path / "existing.ckpt").read_bytes() == b"mine"

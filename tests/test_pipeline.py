@@ -11,8 +11,7 @@ from PIL import Image
 
 from conftest import TINY_UNET
 from kve_lightning.interop.export import module_pipeline
-from kve_lightning.storage import to_pil
-from kve_lightning.storage import to_unit
+from kve_lightning.storage import to_pil, to_unit
 from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.interop.pipeline import KarrasVeLightningPipeline, KarrasVeLightningScheduler
 
@@ -21,8 +20,7 @@ from kve_lightning.interop.pipeline import KarrasVeLightningPipeline, KarrasVeLi
 def module():
     """A tiny randomly initialised 1-channel model (D(x) != x); sigma_max = 0.5 keeps most pixels inside [0, 1]."""
     torch.manual_seed(0)
-    return KarrasVeModule(image_size=8, channels=1, unet=json.loads(TINY_UNET), sigma_max=0.5, num_steps=3,
-                          grid_size=0).eval()
+    return KarrasVeModule(image_size=8, channels=1, unet=json.loads(TINY_UNET), sigma_max=0.5, num_steps=3).eval()
 
 
 @pytest.fixture(scope="module")
@@ -122,17 +120,39 @@ def test_save_and_from_pretrained_round_trip(module, tmp_path):
     pipe.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
     assert {k: config[k] for k in settings} == settings
+    assert (config["train_sigma_min"], config["train_sigma_max"]) == (0.01, 0.9)  # default: the settings' range
     assert json.loads((tmp_path / "model_index.json").read_text())["scheduler"] == [
         "kve_lightning.interop.pipeline", "KarrasVeLightningScheduler"]
     loaded = KarrasVeLightningPipeline.from_pretrained(tmp_path, use_safetensors=True)
     assert isinstance(loaded.scheduler, KarrasVeLightningScheduler)
     assert {k: loaded.scheduler.config[k] for k in settings} == settings
+    assert loaded.scheduler.trained == (0.01, 0.9)
     for (name, a), (_, b) in zip(module.denoiser.unet.state_dict().items(), loaded.unet.state_dict().items()):
         assert torch.equal(a, b), name
     loaded.set_progress_bar_config(disable=True)
     pipe.set_progress_bar_config(disable=True)
     torch.testing.assert_close(loaded(seeds=[0], output_type="pt").images, pipe(seeds=[0], output_type="pt").images,
                                rtol=0, atol=0)
+
+
+def test_the_training_range_is_stored_and_guards_calls(module, pipe, tmp_path):
+    """The module's training noise range goes into the scheduler config (train_sigma_min/train_sigma_max) and back;
+    a call reaching outside it is refused unless extrapolate=True."""
+    assert pipe.scheduler.trained == module.train_sigmas == (module.sampler.sigma_min, 0.5)
+    pipe.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert (config["train_sigma_min"], config["train_sigma_max"]) == module.train_sigmas
+    loaded = KarrasVeLightningPipeline.from_pretrained(tmp_path, use_safetensors=True)
+    assert loaded.scheduler.trained == module.train_sigmas
+    loaded.set_progress_bar_config(disable=True)
+    for pipeline in (pipe, loaded):
+        with pytest.raises(ValueError, match="leaves the model's trained range"):
+            pipeline(seeds=[0], output_type="pt", sigma_max=0.6)
+        with pytest.raises(ValueError, match="leaves the model's trained range"):
+            pipeline(seeds=[0], output_type="pt", sigma_min=module.sampler.sigma_min / 2)
+    images = pipe(seeds=[0], output_type="pt", sigma_max=0.6, extrapolate=True).images
+    torch.testing.assert_close(images, to_unit(module.sample([0], sigma_max=0.6, extrapolate=True)), rtol=0,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -172,9 +172,11 @@ def _pf_ode_error(num_steps, solver, mean=0.3, std=0.5):
     """Max error of x at sigma_{N-1} (before the final step to 0) against the exact ODE solution."""
     sigmas = karras_ve_sigmas(num_steps, 0.02, 100.0, "ve", dtype=torch.float64)
     gm = GaussianMixture(torch.ones(1), torch.full((1, 1, 2, 2), mean), torch.tensor([std]))
-    x0 = sigmas[0] * torch.randn((64, 1, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # latents are unit noise, scaled by sigma_0: x_0 = sigma_0 * latents (as EDM and diffusers)
+    latents = torch.randn((64, 1, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x0 = sigmas[0] * latents
     seen = {}
-    sample_karras_ve(gm.denoiser, x0.shape, sigmas=sigmas, s_churn=0.0, solver=solver, latents=x0,
+    sample_karras_ve(gm.denoiser, x0.shape, sigmas=sigmas, s_churn=0.0, solver=solver, latents=latents,
                      callback=lambda i, sigma_hat, x_hat, denoised: seen.__setitem__(i, x_hat))
     x_last = seen[num_steps - 1]
     exact = gaussian_pf_ode_solution(x0, sigmas[0].item(), sigmas[-2].item(), mean, std)
@@ -190,6 +192,24 @@ def test_order_of_accuracy_on_exact_ode(solver, order):
         assert min(observed) > 1.8, (errors, observed)
     else:
         assert 0.8 < min(observed) and max(observed) < 1.3, (errors, observed)
+
+
+def test_latents_are_unit_noise_scaled_by_sigma_0():
+    """x_0 = sigma_0 * latents, as the sampler draws it from its generator (EDM's edm_sampler, diffusers): without
+    churn the per-step noise has no effect, so the latents drawn from a generator give that generator's sample."""
+    gm = three_gaussians()
+    shape = (4, *gm.event_shape)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    for settings in (SamplerSettings(num_steps=6, s_churn=0.0), SamplerSettings(num_steps=6, s_churn=0.0,
+                                                                               sigma_max=3.0, solver="euler")):
+        drawn = sample_karras_ve(gm.denoiser, shape, settings=settings, dtype=torch.float64,
+                                 generator=torch.Generator().manual_seed(7))
+        given = sample_karras_ve(gm.denoiser, shape, settings=settings, latents=latents)
+        assert torch.equal(drawn, given)
+        first = []
+        sample_karras_ve(gm.denoiser, shape, settings=settings, latents=latents,
+                         callback=lambda i, sigma_hat, x_hat, denoised: first.append(x_hat) if i == 0 else None)
+        assert torch.equal(first[0], settings.sigma_max * latents)
 
 
 def test_batch_invariance_with_per_row_generators():

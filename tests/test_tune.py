@@ -1,6 +1,6 @@
-"""kve-tune: the Fréchet distance from stored features, the compass search on a metric with a known optimum, common
-random numbers, the paired bootstrap, the budget, the YAML it writes (read by kve predict, kve-sample, kve-export)
-and `--config` of kve-sample / kve-export; bad input."""
+"""kve tune: the Fréchet distance from stored features, the compass search on a metric with a known optimum, common
+random numbers, the paired bootstrap, the budget, the YAML it writes (read by kve predict, kve sample, kve export)
+and `--config` of kve sample / kve export; bad input."""
 
 import importlib.util
 import json
@@ -10,14 +10,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_MODEL_ARGS, export_script, sample_script
+from conftest import assert_refused, export_script, sample_script
 from kve_lightning.cli import cli_main
-from kve_lightning.metrics import digits_images
-from kve_lightning.metrics import digits_feature_net, feature_moments, fid_from_images, frechet_distance, matrix_sqrt
 from kve_lightning.lit.module import KarrasVeModule
-from kve_lightning.sampling import SamplerSettings
-from kve_lightning.tune import GAMMA_MAX, SEARCHED, Scorer, main as tune_main, paired_intervals, tune
-from test_bad_input import assert_refused
+from kve_lightning.metrics import (digits_feature_net, digits_images, feature_moments, fid_from_images,
+                                   frechet_distance, matrix_sqrt)
+from kve_lightning.sampling import GAMMA_MAX, SamplerSettings
+from kve_lightning.search import SEARCHED, Scorer, paired_intervals, tune
 
 CHURN = {"s_churn": 2.5, "s_min": 0.1, "s_max": 7.0, "s_noise": 1.02}
 
@@ -120,15 +119,20 @@ def spied_sampler(monkeypatch):
     return calls
 
 
+def tune_main(argv):
+    """``kve tune ARGV``, in process."""
+    cli_main(["tune", *argv])
+
+
 def run_tune(ckpt, out, *args):
-    tune_main(["--ckpt", str(ckpt), "--out", str(out), "--nfe", "5", "--n", "6", "--batch-size", "4",
+    tune_main(["--ckpt_path", str(ckpt), "--out", str(out), "--nfe", "5", "--n", "6", "--batch_size", "4",
                "--bootstrap", "20", "--device", "cpu", *args])
     return yaml.safe_load(out.read_text())["model"]
 
 
 def test_every_arm_samples_the_same_seeds(trained_run, tmp_path, spied_sampler, capsys):
     _, ckpt = trained_run
-    best = run_tune(ckpt, tmp_path / "best.yaml", "--seed", "10", "--budget", "1", "--micro-batch", "0")
+    best = run_tune(ckpt, tmp_path / "best.yaml", "--seed", "10", "--budget", "1", "--model.micro_batch", "0")
     arms = [spied_sampler[k:k + 2] for k in range(0, len(spied_sampler), 2)]
     assert len(arms) >= 3 and len(spied_sampler) % 2 == 0
     for (first, settings), (second, same) in arms:
@@ -148,6 +152,9 @@ def test_tiny_budget_writes_table5(trained_run, tmp_path, spied_sampler):
     best = run_tune(ckpt, tmp_path / "best.yaml", "--budget", "1e-4")
     assert len(spied_sampler) == 2  # the baseline's two batches only
     assert best == {"num_steps": 3} | {k: getattr(SamplerSettings(), k) for k in SEARCHED}
+    # an existing --out and --plot are replaced with --overwrite true (refused without it: test_bad_tune_input)
+    (tmp_path / "best.yaml").write_text("mine")
+    assert run_tune(ckpt, tmp_path / "best.yaml", "--budget", "1e-4", "--overwrite", "true") == best
 
 
 def manifest_sampler(folder):
@@ -155,26 +162,27 @@ def manifest_sampler(folder):
 
 
 def test_written_yaml_sets_predict_sample_and_export(trained_run, tmp_path, monkeypatch):
-    """The YAML kve-tune writes is a config for `kve predict --config`, `kve-sample --config` and `kve-export
+    """The YAML kve tune writes is a config for `kve predict --config`, `kve sample --config` and `kve export
     --config`; their settings become its values (N = 3 from --nfe 5; the checkpoint has 4); flags override it."""
     _, ckpt = trained_run
     best = run_tune(ckpt, tmp_path / "best.yaml", "--budget", "0.02")
     config = str(tmp_path / "best.yaml")
     assert KarrasVeModule.from_checkpoint(ckpt).sampler.num_steps == 4 and best["num_steps"] == 3
     monkeypatch.chdir(tmp_path)
-    cli_main(["predict", f"--ckpt_path={ckpt}", f"--config={config}", "--data.predict_seeds=0-1",
-              f"--writer.output_dir={tmp_path / 'predict'}", "--trainer.logger=false",
+    cli_main(["predict", f"--ckpt_path={ckpt}", f"--config={config}", "--seeds=0-1",
+              f"--out={tmp_path / 'predict'}", "--trainer.logger=false",
               "--trainer.enable_progress_bar=false"])
-    sample_script(["--ckpt", str(ckpt), "--config", config, "--out", str(tmp_path / "sample"), "--seeds", "0-1"])
+    sample_script(["--ckpt_path", str(ckpt), "--config", config, "--out", str(tmp_path / "sample"), "--seeds", "0-1"])
     for folder in ("predict", "sample"):
         assert {k: manifest_sampler(tmp_path / folder)[k] for k in best} == best
     assert (tmp_path / "predict" / "000001.png").read_bytes() == (tmp_path / "sample" / "000001.png").read_bytes()
-    export_script(["--ckpt", str(ckpt), "--config", config, "--out", str(tmp_path / "export")])
+    export_script(["--ckpt_path", str(ckpt), "--config", config, "--out", str(tmp_path / "export")])
     scheduler = json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())
     assert {k: scheduler[k] for k in best} == best
     # a flag beats the file, on a hand-written config of other settings too
-    (tmp_path / "churn.yaml").write_text(yaml.safe_dump({"model": CHURN}))
-    sample_script(["--ckpt", str(ckpt), "--config", str(tmp_path / "churn.yaml"), "--s-noise", "1.05",
+    # (a `kve fit` config: its training settings and other sections are dropped)
+    (tmp_path / "churn.yaml").write_text(yaml.safe_dump({"model": CHURN | {"lr": 0.1}, "trainer": {"max_epochs": 1}}))
+    sample_script(["--ckpt_path", str(ckpt), "--config", str(tmp_path / "churn.yaml"), "--model.s_noise", "1.05",
                    "--out", str(tmp_path / "flag"), "--seeds", "0"])
     assert {k: manifest_sampler(tmp_path / "flag")[k] for k in CHURN} == CHURN | {"s_noise": 1.05}
 
@@ -182,10 +190,11 @@ def test_written_yaml_sets_predict_sample_and_export(trained_run, tmp_path, monk
 @pytest.fixture
 def bad(tmp_path, trained_run):
     """Bad config files under tmp_path; returns ``fill(arg)`` for {tmp} and {ckpt}."""
-    files = {"toplevel.yaml": "model:\n  s_churn: 1\ntrainer:\n  max_epochs: 1\n",
-             "typo.yaml": "model:\n  s_chrun: 1\n", "lr.yaml": "model:\n  lr: 0.1\n", "list.yaml": "- 1\n",
+    files = {"toplevel.yaml": "model:\n  s_churn: 1\ntrainers:\n  max_epochs: 1\n",
+             "typo.yaml": "model:\n  s_chrun: 1\n", "scalar.yaml": "model: 3\n", "list.yaml": "- 1\n",
              "broken.yaml": "model: [1,\n", "value.yaml": "model:\n  s_churn: lots\n",
-             "steps.yaml": "model:\n  num_steps: 4\n", "all.yaml": yaml.safe_dump({"model": CHURN})}
+             "steps.yaml": "model:\n  num_steps: 4\n", "all.yaml": yaml.safe_dump({"model": CHURN}),
+             "existing.yaml": "mine\n"}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "folder").mkdir()
@@ -193,24 +202,26 @@ def bad(tmp_path, trained_run):
     return lambda arg: arg.format(tmp=tmp_path, ckpt=ckpt)
 
 
-CONFIG_CASES = [
-    ("toplevel.yaml", ["toplevel.yaml", "one mapping `model:`", "'trainer'"]),
-    ("typo.yaml", ["['s_chrun'] are not sampler settings"]),
-    ("lr.yaml", ["['lr'] are not sampler settings"]),
-    ("list.yaml", ["list.yaml", "one mapping `model:`"]),
-    ("broken.yaml", ["broken.yaml", "not valid YAML"]),
-    ("value.yaml", ["s_churn='lots'"]),
-    ("missing.yaml", ["missing.yaml", "No such file"]),
+CONFIG_CASES = [  # a `kve fit` config's other sections (trainer:, ...) and training settings (model.lr) are dropped
+    ("toplevel.yaml", ["'trainers.max_epochs' is not accepted"]),
+    ("typo.yaml", ["model", "'s_chrun'"]),
+    ("scalar.yaml", ["scalar.yaml", "model: must be a mapping", "3"]),
+    ("list.yaml", ["list.yaml", "Unexpected config", "- 1"]),
+    ("broken.yaml", ["broken.yaml", "Problems parsing config", "line 2"]),
+    ("value.yaml", ["value.yaml", "model.s_churn", "lots"]),
+    ("missing.yaml", ["missing.yaml", "does not exist"]),
 ]
 
 
-@pytest.mark.parametrize("name, needles", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+@pytest.mark.parametrize("name, needles", CONFIG_CASES, ids=[getattr(c, "values", c)[0] for c in CONFIG_CASES])
 def test_bad_config_sample_and_export(bad, tmp_path, capsys, name, needles):
     config = f"{tmp_path}/{name}"
-    assert_refused(lambda: sample_script(["--ckpt", bad("{ckpt}"), "--config", config, "--out", f"{tmp_path}/out"]),
-                   tmp_path, capsys, needles)
-    assert_refused(lambda: export_script(["--ckpt", bad("{ckpt}"), "--config", config, "--out", f"{tmp_path}/ex"]),
-                   tmp_path, capsys, needles)
+    line = assert_refused(lambda: sample_script(["--ckpt_path", bad("{ckpt}"), "--config", config,
+                                                 "--out", f"{tmp_path}/out"]), capsys, *needles, folder=tmp_path)
+    assert line.startswith("kve sample: error:"), line
+    line = assert_refused(lambda: export_script(["--ckpt_path", bad("{ckpt}"), "--config", config,
+                                                 "--out", f"{tmp_path}/ex"]), capsys, *needles, folder=tmp_path)
+    assert line.startswith("kve export: error:"), line
 
 
 TUNE_CASES = [
@@ -218,21 +229,24 @@ TUNE_CASES = [
     (["--nfe", "1"], ["--nfe 1"]),
     (["--n", "1"], ["--n must be >= 2, got 1"]),
     (["--budget", "0"], ["--budget", "got 0.0"]),
-    (["--budget", "nan"], ["--budget", "nan"]),
+    (["--budget", "nan"], ["budget", "nan"]),
     (["--bootstrap", "0"], ["--bootstrap must be >= 1"]),
     (["--confidence", "1"], ["--confidence"]),
     (["--seed", "-1"], ["--seed -1"]),
     (["--out", "{tmp}/folder"], ["folder", "is a directory"]),
     (["--out", "{tmp}/nowhere/best.yaml"], ["nowhere", "does not exist"]),
     (["--plot", "{tmp}/folder"], ["--plot", "is a directory"]),
-    (["--steps", "4"], ["num_steps=4", "--nfe"]),
+    (["--out", "{tmp}/existing.yaml"], ["existing.yaml", "exists", "--overwrite true"]),
+    (["--plot", "{tmp}/best.yaml"], ["--out and --plot are both", "best.yaml"]),
+    (["--out", "{ckpt}"], ["--out", "is --ckpt_path"]),
+    (["--model.num_steps", "4"], ["num_steps=4", "--nfe"]),
     (["--config", "{tmp}/steps.yaml"], ["num_steps=4", "--nfe"]),
     (["--config", "{tmp}/all.yaml"], ["nothing to search"]),
-    (["--config", "{tmp}/lr.yaml"], ["['lr'] are not sampler settings"]),
-    (["--s-min", "5", "--s-max", "1"], ["s_min must be <= s_max"]),
-    (["--ckpt", "{tmp}/missing.ckpt"], ["missing.ckpt", "does not exist"]),
-    (["--model", "{tmp}/folder"], ["folder", "not an exported"]),
-    (["--dataset", "cifar10", "--root", "{tmp}/folder"], ["cifar10 not found"]),
+    (["--config", "{tmp}/typo.yaml"], ["model", "'s_chrun'"]),
+    (["--model.s_min", "5", "--model.s_max", "1"], ["s_min must be <= s_max"]),
+    (["--ckpt_path", "{tmp}/missing.ckpt"], ["missing.ckpt", "does not exist"]),
+    (["--pipeline", "{tmp}/folder"], ["folder", "not an exported"]),
+    (["--data.dataset", "cifar10", "--data.root", "{tmp}/folder"], ["cifar10 not found"]),
     (["--metric", "fid-inception"], ["inception"]),
 ]
 
@@ -241,6 +255,7 @@ TUNE_CASES = [
 def test_bad_tune_input(bad, tmp_path, capsys, args, needles):
     if "fid-inception" in args and importlib.util.find_spec("torch_fidelity"):
         pytest.skip("torch-fidelity is installed: its weights may be cached here")
-    argv = ([] if args[0] in ("--ckpt", "--model") else ["--ckpt", "{ckpt}"]) + args + ["--device", "cpu"]
+    argv = ([] if args[0] in ("--ckpt_path", "--pipeline") else ["--ckpt_path", "{ckpt}"]) + args + ["--device", "cpu"]
     argv += ([] if "--out" in args else ["--out", "{tmp}/best.yaml"]) + ([] if "--n" in args else ["--n", "4"])
-    assert_refused(lambda: tune_main(list(map(bad, argv))), tmp_path, capsys, needles)
+    line = assert_refused(lambda: tune_main(list(map(bad, argv))), capsys, *needles, folder=tmp_path)
+    assert line.startswith("kve tune: error:"), line

@@ -8,6 +8,7 @@ same ``--ckpt_path``, ``--model.<sampler setting>``, ``--data.*``, ``--seeds``, 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -39,10 +40,11 @@ def cli_main(args: list[str] | None = None) -> None:
 
     try:
         KveCLI(KarrasVeModule, ImageDataModule, save_config_kwargs={"overwrite": True}, args=args)
-    except (ValueError, OSError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError, argparse.ArgumentError) as err:
         if os.environ.get("KVE_TRACEBACK") == "1":
             raise
         from kve_lightning.cli.common import error_line
 
-        print(f"kve: error: {type(err).__name__}: {error_line(err)}", file=sys.stderr)
+        kind = "" if isinstance(err, argparse.ArgumentError) else f"{type(err).__name__}: "
+        print(f"kve: error: {kind}{error_line(err)}", file=sys.stderr)
         sys.exit(3 if isinstance(err, FloatingPointError) else 2)

@@ -23,7 +23,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_loader
 from jsonargparse._loaders_dumpers import get_yaml_default_loader
 
 from kve_lightning.denoiser import VEDenoiser
-from kve_lightning.lit.data import DatasetName, ImageDataModule
+from kve_lightning.lit.data import DatasetName, ImageDataModule, split_conflicts
 from kve_lightning.sampling import SamplerSettings, bounded_repr
 
 PARSER_MODE = "kve"  # jsonargparse's YAML, refusing duplicate keys
@@ -32,28 +32,50 @@ FIT_SECTIONS = frozenset({"seed_everything", "trainer", "data", "optimizer", "lr
                           "inpaint_grid", "fid", "bpd"})
 
 
-class DuplicateKeyError(yaml.YAMLError):
+class ConfigError(yaml.YAMLError):
     pass
 
 
 def _loader_class() -> type:
-    """jsonargparse's YAML loader (safe; YAML 1.2 floats such as 1e-2), refusing a key given twice in a mapping."""
+    """jsonargparse's YAML loader (safe: plain data only; YAML 1.2 floats such as 1e-2), refusing a key given twice
+    in a mapping and aliases (``*name``: a few lines of them can name 10**9 values)."""
     class Loader(get_yaml_default_loader()):
+        def construct_object(self, node, deep=False):
+            if node in self.constructed_objects and not isinstance(node, yaml.ScalarNode):  # reached again: an alias
+                raise ConfigError(f"YAML aliases (*name) of collections are not accepted (line "
+                                  f"{node.start_mark.line + 1}): write the values out")
+            return super().construct_object(node, deep)
+
         def construct_mapping(self, node, deep=False):
             keys = [self.construct_object(key, deep=True) for key, _ in node.value]
             repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
             if repeated:
-                raise DuplicateKeyError(f"the key {bounded_repr(repeated[0])} is given twice in one mapping "
-                                        f"(line {node.start_mark.line + 1})")
+                raise ConfigError(f"the key {bounded_repr(repeated[0])} is given twice in one mapping "
+                                  f"(line {node.start_mark.line + 1})")
             return super().construct_mapping(node, deep)
     return Loader
+
+
+class ConfigFile(ActionConfigFile):
+    """``--config FILE``: jsonargparse's, with the file named in every error (a binary file, bad YAML, a bad key)."""
+
+    @staticmethod
+    def apply_config(parser, cfg, dest, value) -> None:
+        try:
+            ActionConfigFile.apply_config(parser, cfg, dest, value)
+        except (TypeError, ValueError, KeyError, yaml.YAMLError, argparse.ArgumentError) as err:
+            raise ValueError(f"--config {bounded_repr(str(value))}: {error_line(err)}") from None
 
 
 LOADER = _loader_class()
 
 
-def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=LOADER)
+def load_yaml(text: str, path: str = "") -> Any:
+    """A config file's or a flag's value; a ``ConfigError`` naming ``path`` (jsonargparse passes a file's)."""
+    try:
+        return yaml.load(text, Loader=LOADER)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{str(path)!r}: {error_line(err)}" if path else error_line(err)) from None
 
 
 set_loader(PARSER_MODE, load_yaml, exceptions=(yaml.YAMLError,))
@@ -88,10 +110,15 @@ class DataSource:
     val_fraction: float | None = None
     split_seed: int | None = None
 
-    def data_module(self, model: Model) -> ImageDataModule:
-        """The data module of these settings over the checkpoint's, at the model's image size and channels."""
+    def data_module(self, model: Model, held_out: bool) -> ImageDataModule:
+        """The data module of these settings over the checkpoint's, at the model's image size and channels. For
+        ``held_out`` images, a split other than the checkpoint's is refused: its held-out images were trained on."""
         given = {k: v for k, v in vars(self).items() if v is not None}
         stored = {k: model.datamodule[k] for k in vars(self) if k in model.datamodule}
+        other = split_conflicts(given, stored) if held_out else []
+        if other:
+            raise ValueError(f"{', '.join(other)}: the held-out images of another split include images "
+                             f"{model.source!r} was trained on; leave them out to take the checkpoint's")
         return ImageDataModule(**stored | given, image_size=model.image_size, channels=model.channels)
 
 
@@ -104,6 +131,9 @@ def sampler_section(config: dict[str, Any], accepted: set[str]) -> dict[str, Any
 
     training = set(inspect.signature(KarrasVeModule).parameters) - {f.name for f in fields(SamplerSettings)}
     sections = {"model": lambda k: k not in training, "data": lambda k: k in DataSource.__dataclass_fields__}
+    for section in sections:
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            raise ConfigError(f"{section}: must be a mapping of settings, got {bounded_repr(config[section])}")
     config = {k: v for k, v in config.items() if k in accepted or k not in FIT_SECTIONS}
     for section, keep in sections.items():
         if isinstance(config.get(section), dict):
@@ -120,11 +150,11 @@ def command_parser(name: str) -> tuple[ArgumentParser, Callable[..., None]]:
     command = import_module(f"kve_lightning.cli.{name}")
     accepted = set(inspect.signature(command.run).parameters)
     samples = "model" in accepted
-    set_loader(f"{PARSER_MODE}-{name}", lambda text: _filtered(load_yaml(text), samples, accepted),
+    set_loader(f"{PARSER_MODE}-{name}", lambda text, path="": _filtered(load_yaml(text, path), samples, accepted),
                exceptions=(yaml.YAMLError,))
     parser = ArgumentParser(prog=f"kve {name}", description=command.DOC, parser_mode=f"{PARSER_MODE}-{name}",
                             formatter_class=argparse.RawDescriptionHelpFormatter, exit_on_error=False)
-    parser.add_argument("-c", "--config", action=ActionConfigFile,
+    parser.add_argument("-c", "--config", action=ConfigFile,
                         help="a YAML file of these options" + (
                             "; a `kve fit` config or `kve tune`'s output gives its model: sampler settings"
                             if samples else ""))
@@ -241,14 +271,36 @@ def parse_device(name: str | None) -> torch.device:
     return device
 
 
-def writable_file(path: str | Path, flag: str) -> Path:
-    """``path``, the value of ``flag``, if a file can be written there: not a folder, in an existing folder."""
+def writable_file(path: str | Path, flag: str, overwrite: bool) -> Path:
+    """``path``, the value of ``flag``, if a file can be written there: not a folder, in an existing folder, and not
+    an existing file unless ``overwrite``."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{flag} {str(path)!r} is a directory, not a file")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the folder of {flag} {str(path)!r} does not exist")
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{flag} {str(path)!r} exists (pass --overwrite true to replace it)")
     return path
+
+
+def check_outputs(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """A ``ValueError`` naming both if an output (flag -> path) is one of the inputs (a checkpoint, an export, a
+    folder of snapshots or images) or lies inside an input folder, or if two outputs are the same path: no
+    command writes over what it reads, or over its own other output."""
+    outs = {flag: Path(p).resolve() for flag, p in outputs.items() if p is not None}
+    ins = {flag: Path(p).resolve() for flag, p in inputs.items() if p is not None}
+    for out_flag, out in outs.items():
+        for in_flag, given in ins.items():
+            if out == given or given.is_dir() and given in out.parents:
+                where = "is" if out == given else "lies inside"
+                raise ValueError(f"{out_flag} {str(outputs[out_flag])!r} {where} {in_flag} {str(inputs[in_flag])!r}, "
+                                 f"which this command reads: choose another {out_flag}")
+    seen: dict[Path, str] = {}
+    for flag, out in outs.items():
+        if out in seen:
+            raise ValueError(f"{seen[out]} and {flag} are both {str(outputs[flag])!r}: give them different paths")
+        seen[out] = flag
 
 
 def at_least(flag: str, value: int | float, low: int | float) -> None:

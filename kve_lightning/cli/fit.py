@@ -25,15 +25,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from kve_lightning.cli.common import PARSER_MODE
+from kve_lightning.cli.common import PARSER_MODE, ConfigFile
 from kve_lightning.interop.checkpoint import read_checkpoint
 from kve_lightning.lit.callbacks import FID, BitsPerDim, InpaintingGrid, SampleGrid
-from kve_lightning.lit.data import MAX_DISTANCE_IMAGES, ImageDataModule
-from kve_lightning.lit.module import checkpoint_hparams, unet_config
+from kve_lightning.lit.data import MAX_DISTANCE_IMAGES, SPLIT, ImageDataModule, split_conflicts
+from kve_lightning.denoiser import unet_config
+from kve_lightning.lit.module import checkpoint_hparams
 from kve_lightning.lit.writer import PNGWriter
 
 # the callbacks every run has, each an option group: `kve predict` writes {seed:06d}.png and grid.png (writer);
@@ -45,8 +47,15 @@ FIXED = ("image_size", "channels", "unet", "train_sigma_min", "train_sigma_max")
 
 class KveCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
-        modes = {"parser_mode": PARSER_MODE}
+        modes = {"parser_mode": PARSER_MODE, "exit_on_error": False}  # cli_main prints errors in one line
         super().__init__(*args, parser_kwargs=modes | {s: modes for s in self.subcommands()}, **kwargs)
+
+    def init_parser(self, **kwargs):
+        """LightningCLI's parser, with ``--config`` naming its file in every error (``ConfigFile``)."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.__version__}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=ConfigFile, help="a YAML config file of these options")
+        return parser
 
     def _add_subcommands(self, parser, **kwargs) -> None:
         """LightningCLI's subcommands, and the others of ``kve`` listed beside them in ``kve --help`` (``cli_main``
@@ -63,12 +72,16 @@ class KveCLI(LightningCLI):
         parser.link_arguments("data.channels", "model.channels")
         for name, callback in CALLBACKS.items():
             parser.add_lightning_class_args(callback, name)
-        # the names every kve subcommand gives the seeds and the sample folder
+        # the names kve sample gives the same settings of its sample folder
         parser.add_argument("--seeds", default="0-63", help='the seeds `kve predict` samples, one image each: "0-63", '
                                                              '"0-9,20"')
         parser.add_argument("--out", default="samples", help="the folder `kve predict` writes its PNGs to")
-        parser.link_arguments("seeds", "data.predict_seeds")
-        parser.link_arguments("out", "writer.output_dir")
+        parser.add_argument("--grid", type=bool, default=True, help="`kve predict` also writes grid.png")
+        parser.add_argument("--skip_existing", type=bool, default=True,
+                            help="`kve predict` leaves out the seeds whose PNG is already in --out")
+        for name, target in (("seeds", "data.predict_seeds"), ("out", "writer.output_dir"), ("grid", "writer.grid"),
+                             ("skip_existing", "writer.skip_existing")):
+            parser.link_arguments(name, target)
 
     def parse_arguments(self, parser, args) -> None:
         """Parse; with ``--ckpt_path``, read the checkpoint (weights-only, ``read_checkpoint``), make its
@@ -79,18 +92,27 @@ class KveCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         place_run(config)
         hparams = None
+        if subcommand == "test" and not config.get("ckpt_path"):
+            raise ValueError("kve test evaluates a trained model: give --ckpt_path (a checkpoint file, or last)")
         if config.get("ckpt_path"):
             if config.get("weights_only") is False:
                 raise ValueError("--weights_only false is refused: kve reads checkpoints weights-only (no unpickling "
                                  "of arbitrary objects); convert an old checkpoint with torch.load yourself if you "
                                  "trust it")
             path = resolve_ckpt_path(config)
-            hparams = checkpoint_hparams(read_checkpoint(path)["hyper_parameters"])
-            set_checkpoint_defaults(self._parser(subcommand), hparams, path)
+            checkpoint = read_checkpoint(path)
+            if subcommand == "fit" and "optimizer_states" not in checkpoint:
+                raise ValueError(f"{str(path)!r} holds weights only (no optimizer or loop state, e.g. a kve phema "
+                                 f"output): kve fit cannot resume it; sample, export or test it with --ckpt_path")
+            hparams = checkpoint_hparams(checkpoint["hyper_parameters"])
+            split = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k in SPLIT}
+            set_checkpoint_defaults(self._parser(subcommand), hparams, split, path)
             super().parse_arguments(parser, args)
             config = self.config[subcommand] if subcommand else self.config
             place_run(config)
             check_architecture(config.model, hparams, path)
+            if subcommand != "predict":
+                check_split(config.data, split, path)
             config.ckpt_path, config.weights_only = str(path), True
         resolve_sigma_max(config, hparams)
 
@@ -182,17 +204,28 @@ def resolve_sigma_max(config, hparams: dict[str, Any] | None) -> None:
     rank_zero_only(print)(f"kve: sigma_max auto = {config.model.sigma_max:.6g}: {source}", file=sys.stderr)
 
 
-def set_checkpoint_defaults(parser, hparams: dict[str, Any], path: Path) -> None:
+def set_checkpoint_defaults(parser, hparams: dict[str, Any], split: dict[str, Any], path: Path) -> None:
     """Make a checkpoint's hyper-parameters the defaults of ``--model.*`` (and of the data's image size and channel
-    count, which the model's follow)."""
+    count, which the model's follow), and its data module's split (``SPLIT``) those of ``--data.*``."""
     linked = ("image_size", "channels")
     defaults = {f"model.{k}": v for k, v in hparams.items() if k not in linked}
     defaults |= {f"data.{k}": hparams[k] for k in linked if k in hparams}
+    defaults |= {f"data.{k}": v for k, v in split.items()}
     known = {action.dest for action in parser._actions}
     unknown = [k for k in defaults if k not in known]
     if unknown:
         raise ValueError(f"checkpoint {str(path)!r} holds hyper-parameters this version does not know: {unknown}")
     parser.set_defaults(defaults)
+
+
+def check_split(data, split: dict[str, Any], path: Path) -> None:
+    """A ``ValueError`` naming each setting of the data split that would hold out images the checkpoint's model was
+    trained on (``split_conflicts``)."""
+    conflicts = split_conflicts(dict(data), split)
+    if conflicts:
+        raise ValueError(f"the configured data split does not fit checkpoint {str(path)!r}: {', '.join(conflicts)}: "
+                         f"its held-out images would include images the model was trained on (leave them out to take "
+                         f"the checkpoint's)")
 
 
 def check_architecture(model, hparams: dict[str, Any], path: Path) -> None:

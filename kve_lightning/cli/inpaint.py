@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 from typing import Any
 
@@ -11,10 +10,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from kve_lightning.cli.common import DataSource, Model, at_least, load_model, parse_device
+from kve_lightning.cli.common import DataSource, Model, at_least, check_outputs, load_model, parse_device
 from kve_lightning.lit.data import MAX_SEEDS, ImageDataModule, parse_seeds
 from kve_lightning.masks import MASK_SPECS, complete, inpainting_grid, parse_mask
-from kve_lightning.sampling import GUIDANCE, RESAMPLE, bounded_repr
+from kve_lightning.sampling import GUIDANCE, MAX_GUIDANCE, RESAMPLE, bounded_repr
 from kve_lightning.storage import (existing_pngs, open_sample_folder, prepare_output_dir, read_png, sample_manifest,
                                    save_png, to_unit)
 
@@ -50,8 +49,8 @@ def run(mask: str, out: str, ckpt_path: str | None = None, pipeline: str | None 
         n: use the first n images (default: all).
         seeds: completions per image, one per seed.
         resample: RePaint resampling: each step runs R times (NFE x R; see the README).
-        guidance: the reconstruction-guidance weight w (0: replacement only; each evaluation then also costs a
-            backward pass; see the README).
+        guidance: the reconstruction-guidance weight w in [0, 100] (0: replacement only; each evaluation then also
+            costs a backward pass; see the README).
         batch_size: completions sampled at once.
         grid_images: images in grid.png (0: none).
         skip_existing: leave out the completions whose PNG is already in ``out`` (false: sample them again).
@@ -61,10 +60,11 @@ def run(mask: str, out: str, ckpt_path: str | None = None, pipeline: str | None 
     for flag, value, low in (("--batch_size", batch_size, 1), ("--resample", resample, 1),
                              ("--n", 1 if n is None else n, 1), ("--grid_images", grid_images, 0)):
         at_least(flag, value, low)
-    if not 0 <= guidance < math.inf:
-        raise ValueError(f"--guidance must be a finite number >= 0, got {bounded_repr(guidance)}")
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise ValueError(f"--guidance must be a number in [0, {MAX_GUIDANCE:g}], got {bounded_repr(guidance)}")
     where = parse_device(device)
     trained = load_model(ckpt_path, pipeline, where)
+    check_outputs({"--out": out}, {"--ckpt_path": ckpt_path, "--pipeline": pipeline, "--images": images})
     settings = trained.settings_with(model or {})
     known = parse_mask(mask, trained.image_size).to(where)
     originals = load_images(trained, images, data, n)
@@ -114,7 +114,7 @@ def load_images(trained: Model, folder: str | None, data: DataSource, n: int | N
                     raise ValueError(f"image {str(path)!r} is {image.size[0]}x{image.size[1]} pixels, the model's "
                                      f"images are {size}x{size}")
     else:
-        module = data.data_module(trained)
+        module = data.data_module(trained, held_out=True)
         module.setup("fit")
         found = module.val_set
     return torch.stack([found[i] for i in range(min(n or len(found), len(found)))])

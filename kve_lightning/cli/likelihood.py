@@ -11,9 +11,12 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from kve_lightning.cli.common import DataSource, at_least, load_model, parse_device, writable_file
+from kve_lightning.cli.common import DataSource, at_least, check_outputs, load_model, parse_device, writable_file
 from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
+from kve_lightning.sampling import MAX_STEPS
 from kve_lightning.storage import save_atomic
+
+MAX_PROBES = 1000
 
 DOC = """Bits per dimension of held-out images under a trained model, through the probability-flow ODE.
 
@@ -29,8 +32,8 @@ the wall time. `kve test` computes the same on the held-out split with Lightning
 """
 
 def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, data: DataSource = DataSource(),
-        split: Literal["val", "all"] = "val", n: int | None = None, probes: int = 1, ode_steps: int = 64, batch_size: int = 64,
-        device: str | None = None) -> None:
+        split: Literal["val", "all"] = "val", n: int | None = None, probes: int = 1, ode_steps: int = 64,
+        batch_size: int = 64, device: str | None = None, overwrite: bool = False) -> None:
     """Write the bits/dim report of a split to ``out``.
 
     Args:
@@ -40,18 +43,23 @@ def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, dat
         data: the data set and its split.
         split: "val" (the held-out images) or "all".
         n: use the first n images of the split (default: all).
-        probes: Hutchinson probes per image.
-        ode_steps: RK4 steps in ln(sigma), 4 network evaluations each.
+        probes: Hutchinson probes per image (at most 1000; the estimate's error falls as 1/sqrt(probes)).
+        ode_steps: RK4 steps in ln(sigma), 4 network evaluations each (at most 100,000).
         batch_size: images integrated at once.
         device: the torch device (default: cuda if available, else cpu).
+        overwrite: replace an existing ``out``.
     """
     for flag, value in (("--probes", probes), ("--ode_steps", ode_steps), ("--batch_size", batch_size),
                         ("--n", 1 if n is None else n)):
         at_least(flag, value, 1)
-    path = writable_file(out, "--out")
+    if probes > MAX_PROBES or ode_steps > MAX_STEPS:
+        raise ValueError(f"need --probes <= {MAX_PROBES} and --ode_steps <= {MAX_STEPS:,}, got --probes {probes}, "
+                         f"--ode_steps {ode_steps}")
+    check_outputs({"--out": out}, {"--ckpt_path": ckpt_path, "--pipeline": pipeline})
+    path = writable_file(out, "--out", overwrite)
     where = parse_device(device)
     trained = load_model(ckpt_path, pipeline, where)
-    module = data.data_module(trained)
+    module = data.data_module(trained, held_out=split == "val")
     if split == "val":
         module.setup("fit")
     images = module.val_set if split == "val" else module.full_dataset()
@@ -69,9 +77,10 @@ def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, dat
     wall = time.perf_counter() - start
     mean, stderr = mean_and_stderr(torch.cat(values))
     hp = module.hparams
-    report = {"bits_per_dim": mean, "stderr": stderr if math.isfinite(stderr) else None,  # one image: none "images": count, "split": split, "dataset": hp.dataset,
-              "split_seed": hp.split_seed, "val_fraction": hp.val_fraction, "levels": module.levels,
-              "ode_steps": ode_steps, "probes": probes, "nfe_per_image": 4 * ode_steps, "wall_seconds": round(wall, 3),
+    report = {"bits_per_dim": mean, "stderr": stderr if math.isfinite(stderr) else None,  # one image: none
+              "images": count, "split": split, "dataset": hp.dataset, "split_seed": hp.split_seed,
+              "val_fraction": hp.val_fraction, "levels": module.levels, "ode_steps": ode_steps, "probes": probes,
+              "nfe_per_image": 4 * ode_steps, "wall_seconds": round(wall, 3),
               "seconds_per_image": round(wall / count, 4), "sigma_min": trained.trained[0],
               "sigma_max": trained.trained[1], "model": trained.source}
     payload = (json.dumps(report, indent=2) + "\n").encode()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from kve_lightning.cli.common import writable_file
+from kve_lightning.cli.common import check_outputs, writable_file
 from kve_lightning.interop.export import check_output_dir, export_module
 from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.phema import STD_MAX, Snapshot, combine, list_snapshots, reconstruction, std_to_gamma
@@ -18,11 +18,11 @@ from kve_lightning.storage import save_atomic
 
 DOC = """Post-hoc EMA: the EMA of any relative std, reconstructed from a run's power-function EMA snapshots.
 
-    kve phema --snapshots runs/digits --list
+    kve phema --snapshots runs/digits --list true
     kve phema --snapshots runs/digits --ckpt_path runs/digits/checkpoints/last.ckpt --std 0.07 --out digits-0.07.ckpt
     kve phema --snapshots runs/digits --ckpt_path runs/digits/checkpoints/last.ckpt --std 0.04,0.12 --export out/d-{std}
 
-The snapshots come from training with `--model.phema_stds [0.05,0.1]` (kve_lightning.phema.PostHocEMA). The EMA
+The snapshots come from training with `--model.phema_stds [0.05,0.1]` (kve_lightning.lit.ema.PostHocEMA). The EMA
 of each --std at the newest snapshot's step is the combination of all snapshots whose profile best matches its
 power-function profile in least squares (Karras et al. 2024, App. C.3). Its profile error e, half the L1 distance
 between the combined and the exact weights of the training steps, bounds the result: every weight lies within e
@@ -78,7 +78,9 @@ def run(snapshots: str, ckpt_path: str | None = None, std: str | None = None, ou
         check_snapshot_tensors(snapshot, module, ckpt_path)
     outputs = [(phema_path(out, s, len(stds)), phema_path(export, s, len(stds))) for s in stds]
     for file, folder_out in outputs:
-        check_output_file(file, overwrite, ckpt_path)
+        check_outputs({"--out": file, "--export": folder_out}, {"--ckpt_path": ckpt_path, "--snapshots": folder})
+        if file:
+            writable_file(file, "--out", overwrite)
         if folder_out:
             check_output_dir(folder_out, overwrite, ckpt_path)
     for s, (x, error, step), weights, (file, folder_out) in zip(stds, plans, combine(found, [p[0] for p in plans]),
@@ -110,17 +112,6 @@ def phema_path(template: str | None, std: float, count: int) -> Path | None:
     if count > 1 and "{std}" not in template:
         raise ValueError(f"{template!r}: with several --std values the output must contain {{std}}")
     return Path(template.replace("{std}", f"{std:g}"))
-
-
-def check_output_file(out: Path | None, overwrite: bool, ckpt: str) -> None:
-    """``out`` may be written: in an existing folder, not a folder, not the checkpoint ``ckpt`` itself, and not an
-    existing file unless ``overwrite``."""
-    if out is None:
-        return
-    writable_file(out, "--out")
-    if out.exists() and (not overwrite or out.resolve() == Path(ckpt).resolve()):
-        raise FileExistsError(f"--out {str(out)!r} exists" + (
-            " and is the --ckpt_path checkpoint" if overwrite else " (pass --overwrite true to replace it)"))
 
 
 def check_snapshot_tensors(snapshot: Snapshot, module: KarrasVeModule, ckpt: str) -> None:

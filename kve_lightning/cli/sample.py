@@ -7,17 +7,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kve_lightning.cli.common import at_least, load_model, parse_device
+from kve_lightning.cli.common import at_least, check_outputs, load_model, parse_device
 from kve_lightning.lit.data import parse_seeds
 from kve_lightning.storage import (existing_seeds, open_sample_folder, prepare_output_dir, sample_manifest, save_grid,
                                    save_png, seed_path)
 
 DOC = """Checkpoint or exported folder -> PNGs: the EMA weights, the stochastic Karras VE sampler.
 
-    kve sample --ckpt_path runs/digits/checkpoints/last.ckpt --out samples/digits --seeds 0-63 --grid true
+    kve sample --ckpt_path runs/digits/checkpoints/last.ckpt --out samples/digits --seeds 0-63
     kve sample --pipeline exported/digits --out samples/digits --model.num_steps 18 --model.s_churn 0
 
-Writes {seed:06d}.png per seed (and grid.png with --grid true), the same bytes as `kve predict` for the same seeds
+Writes {seed:06d}.png per seed and grid.png, the same bytes as `kve predict` for the same seeds
 and sampler settings. --model.* flags override the model's sampler settings, and so does --config (a `kve fit`
 config or `kve tune`'s output), the flags overriding it.
 
@@ -28,7 +28,7 @@ whose PNG is missing; a folder whose manifest differs is refused (exit 2).
 
 
 def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, seeds: str = "0-63",
-        batch_size: int = 64, grid: bool = False, skip_existing: bool = True, device: str | None = None,
+        batch_size: int = 64, grid: bool = True, skip_existing: bool = True, device: str | None = None,
         model: dict[str, Any] | None = None) -> None:
     """Sample one image per seed into ``out``.
 
@@ -38,13 +38,14 @@ def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, see
         pipeline: a folder written by `kve export` (safetensors and JSON), instead of ``ckpt_path``.
         seeds: the seeds, one image each: "0-63", "0-9,20".
         batch_size: images sampled at once.
-        grid: also write grid.png.
+        grid: also write grid.png of the first 256 seeds.
         skip_existing: leave out the seeds whose PNG is already in ``out`` (false: sample them again).
         device: the torch device (default: cuda if available, else cpu).
     """
     seed_list = parse_seeds(seeds)
     at_least("--batch_size", batch_size, 1)
     trained = load_model(ckpt_path, pipeline, parse_device(device))
+    check_outputs({"--out": out}, {"--ckpt_path": ckpt_path, "--pipeline": pipeline})
     settings = trained.settings_with(model or {})
     manifest = sample_manifest(trained.denoiser.unet, settings)
     folder = prepare_output_dir(out)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kve_lightning.cli.common import DataSource, at_least, load_model, parse_device, writable_file
+from kve_lightning.cli.common import DataSource, at_least, check_outputs, load_model, parse_device, writable_file
 from kve_lightning.metrics import feature_net
 from kve_lightning.sampling import SamplerSettings
 from kve_lightning.search import METRICS, SEARCHED, Arm, Scorer, format_table, paired_intervals, tune, winner_yaml
@@ -21,7 +22,7 @@ from kve_lightning.storage import save_atomic
 DOC = """Tune the sampler's stochasticity (S_churn, S_tmin, S_tmax, S_noise) of a trained model at a fixed NFE.
 
     kve tune --ckpt_path runs/digits/checkpoints/last.ckpt --nfe 35 --n 1000 --budget 10 --out best.yaml
-    kve sample --ckpt_path runs/digits/checkpoints/last.ckpt --config best.yaml --out samples/tuned --grid true
+    kve sample --ckpt_path runs/digits/checkpoints/last.ckpt --config best.yaml --out samples/tuned
 
 Every arm samples the same --n seeds (common random numbers: the same initial noise and the same churn noise per
 seed), so arms differ only by their settings. The first arm is EDM Table 5's VE settings (80 / 0.05 / 1 / 1.007);
@@ -29,8 +30,9 @@ then a compass search moves one setting at a time, keeping moves that lower the 
 --metric), with finer steps when none does, until --budget minutes would be exceeded (estimated from the arm times).
 Each arm's FID difference to Table 5 gets a paired bootstrap interval (the same resampled seeds for both arms, the
 real statistics fixed). Prints a table, writes a plot (--plot) and the best arm as a YAML config (--out: `model:`
-with num_steps and the settings) for the --config of `kve predict`, `kve sample` and `kve export`. --model.* flags
-fix settings: the model's own for the rest (a searched one given is left out of the search).
+with num_steps and the settings) for the --config of `kve predict`, `kve sample` and `kve export`; an existing --out
+or --plot is refused unless --overwrite true. --model.* flags fix settings: the model's own for the rest (a searched
+one given is left out of the search).
 """
 
 
@@ -44,9 +46,9 @@ def num_steps_for(nfe: int, solver: str) -> int:
 
 
 def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35,
-        metric: Literal["fid-digits", "fid-inception"] = "fid-digits", n: int = 1000, seed: int = 0, budget: float = 10.0, bootstrap: int = 200,
-        confidence: float = 0.95, out: str = "best.yaml", plot: str | None = None,
-        data: DataSource = DataSource(), batch_size: int = 500, device: str | None = None,
+        metric: Literal["fid-digits", "fid-inception"] = "fid-digits", n: int = 1000, seed: int = 0,
+        budget: float = 10.0, bootstrap: int = 200, confidence: float = 0.95, out: str = "best.yaml", plot: str | None = None,
+        data: DataSource = DataSource(), batch_size: int = 500, device: str | None = None, overwrite: bool = False,
         model: dict[str, Any] | None = None) -> None:
     """Search, print the table, write the best arm's config and the plot.
 
@@ -65,6 +67,7 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
         data: the real images' data set (all of it; default: the checkpoint's).
         batch_size: images sampled at once.
         device: the torch device (default: cuda if available, else cpu).
+        overwrite: replace an existing ``out`` or ``plot``.
     """
     began = time.monotonic()
     for flag, value, low in (("--n", n, 2), ("--bootstrap", bootstrap, 1), ("--batch_size", batch_size, 1)):
@@ -81,8 +84,9 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
     searched = [name for name in SEARCHED if name not in fixed]
     if not searched:
         raise ValueError(f"nothing to search: all of {list(SEARCHED)} are fixed by --model.* or --config")
-    out = writable_file(out, "--out")
-    plot_path = writable_file(plot if plot else out.with_suffix(".png"), "--plot")
+    plot = plot if plot else str(Path(out).with_suffix(".png"))
+    check_outputs({"--out": out, "--plot": plot}, {"--ckpt_path": ckpt_path, "--pipeline": pipeline})
+    out, plot_path = writable_file(out, "--out", overwrite), writable_file(plot, "--plot", overwrite)
     device = parse_device(device)
     trained = load_model(ckpt_path, pipeline, device)
     settings = trained.settings_with(fixed)
@@ -92,7 +96,7 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
         net = feature_net(METRICS[metric]).to(device)
     except RuntimeError as err:  # fid-inception without torch-fidelity or its weights
         raise ValueError(str(err)) from None
-    real = data.data_module(trained).full_dataset()
+    real = data.data_module(trained, held_out=False).full_dataset()
     with torch.no_grad():
         real_features = torch.cat([net(batch.to(device)).double().cpu() for batch in tqdm(
             DataLoader(real, batch_size=batch_size), desc="real features", unit="batch")])
@@ -125,7 +129,7 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
     verdict = (f"best {best.fid:.2f} vs Table 5 {arms[0].fid:.2f}: difference {best.diff:+.2f}, {pct} paired bootstrap "
                f"interval [{best.interval[0]:+.2f}, {best.interval[1]:+.2f}] over {bootstrap} resamples")
     print(f"{summary}\n\n{format_table(arms, best, confidence)}\n\n{verdict}")
-    header = [f"kve-tune: the best of {len(arms)} arms by compass search from EDM Table 5's VE settings;",
+    header = [f"kve tune: the best of {len(arms)} arms by compass search from EDM Table 5's VE settings;",
               f"model {trained.source}; {summary};", f"{verdict}."]
     text = winner_yaml(best.settings, fixed, header)
     save_atomic(out, lambda f: f.write(text.encode()))

@@ -41,8 +41,8 @@ def check_output_dir(out_dir: str | Path, overwrite: bool, ckpt: str | Path) -> 
     if not out.is_dir() or not any(out.iterdir()):
         return out
     if not overwrite:
-        raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass --overwrite to replace an "
-                              f"earlier export)")
+        raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass --overwrite true to replace "
+                              f"an earlier export)")
     here, target = Path.cwd().resolve(), out.resolve()
     if here == target or target in here.parents or target in Path(ckpt).resolve().parents:
         raise ValueError(f"--overwrite would delete {str(out)!r}, which holds the working directory or the "

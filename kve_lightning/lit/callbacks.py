@@ -1,10 +1,11 @@
 """What validation shows besides its loss, one ``Callback`` each: the sample grid and its denoising trajectory, the
 inpainting grid, FID and bits/dim.
 
-Each runs on rank 0 every ``every_n_epochs`` validation epochs (never in the sanity check) with the weights
+Each runs on rank 0 at the validations that end epochs n, 2n, ... (n = ``every_n_epochs``; never in the sanity
+check) with the weights
 validation uses: the EMA's, where a ``WeightAveraging`` callback (``kve_lightning.lit.ema.EMA``) swaps them in. The
-``kve`` CLI adds all four (``--sample_grid.*``, ``--inpaint_grid.*``, ``--fid.*``, ``--bpd.*``); in Python, pass them to the
-``Trainer`` like any callback. Nothing here is collective.
+``kve`` CLI adds all four (``--sample_grid.*``, ``--inpaint_grid.*``, ``--fid.*``, ``--bpd.*``); in Python, pass
+them to the ``Trainer`` like any callback. Nothing here is collective.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def held_out_images(trainer: L.Trainer, count: int) -> torch.Tensor:
 
 
 class Evaluation(Callback):
-    """Runs ``evaluate`` on rank 0 every ``every_n_epochs`` validation epochs, where the averaged weights are in
+    """Runs ``evaluate`` on rank 0 at the validations that end epochs n, 2n, ... (n = ``every_n_epochs``; with
+    ``check_val_every_n_epoch`` k, choose n a multiple of k), where the averaged weights are in
     place: at the epoch's start if every ``WeightAveraging`` callback comes before this one (it has swapped them in
     by then), else at its end (before those after this one swap them out again)."""
 
@@ -75,7 +77,7 @@ class SampleGrid(Evaluation):
         seed: the first seed; sample k uses seed + k, so the grid is the same images as ``kve sample --seeds``.
         trajectory_rows: samples whose denoising trajectory is shown beside the grid.
         trajectory_cols: steps shown per trajectory.
-        every_n_epochs: log every n validation epochs (0: never).
+        every_n_epochs: log at the validations that end epochs n, 2n, ... (0: never).
     """
 
     def __init__(self, size: int = 64, seed: int = 0, trajectory_rows: int = 4, trajectory_cols: int = 8,
@@ -118,7 +120,7 @@ class InpaintingGrid(Evaluation):
         completions: completions per image.
         mask: the pixels to fill, as ``kve inpaint --mask`` names them.
         seed: the first completion's seed.
-        every_n_epochs: log every n validation epochs (0: never).
+        every_n_epochs: log at the validations that end epochs n, 2n, ... (0: never).
     """
 
     def __init__(self, images: int = 8, completions: int = 4, mask: str = "bottom", seed: int = 0,
@@ -150,7 +152,7 @@ class FID(Evaluation):
     training images, whose statistics are computed once per process.
 
     Args:
-        every_n_epochs: log every n validation epochs (0: never).
+        every_n_epochs: log at the validations that end epochs n, 2n, ... (0: never).
         num_samples: samples per FID (compare FIDs at equal counts of at least 500).
         features: "digits" (offline, the shipped digits network) or "inception" (needs torch-fidelity).
     """
@@ -178,7 +180,7 @@ class BitsPerDim(Evaluation):
     images.
 
     Args:
-        every_n_epochs: log every n validation epochs (0: never).
+        every_n_epochs: log at the validations that end epochs n, 2n, ... (0: never).
         num_images: held-out images integrated.
     """
 

@@ -22,6 +22,18 @@ DATASETS: tuple[str, ...] = get_args(DatasetName)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+SPLIT = ("dataset", "val_fraction", "split_seed")  # the settings that say which images are held out
+
+
+def split_conflicts(given: dict, stored: dict) -> list[str]:
+    """The settings of ``given`` that would hold out images a model trained on the split ``stored`` has seen: another
+    data set or split seed, or a larger validation fraction (a smaller one holds out a subset of the same images)."""
+    def conflict(key: str) -> bool:
+        if key not in given or key not in stored or given[key] is None:
+            return False
+        return given[key] > stored[key] if key == "val_fraction" else given[key] != stored[key]
+
+    return [f"--data.{k} {given[k]!r} (the checkpoint's: {stored[k]!r})" for k in SPLIT if conflict(k)]
 MAX_SEEDS = 1_000_000
 MAX_DISTANCE_IMAGES = 10_000  # sigma_max auto: exact up to this many training images, a seeded subsample above
 
@@ -75,7 +87,10 @@ def parse_seeds(seeds: str | int | Sequence[int]) -> list[int]:
 
 def to_8bit(image: Image.Image) -> Image.Image:
     """16- and 32-bit integer grayscale images ("I;16*", "I") scaled to 8-bit "L" by their bit depth (PIL's own
-    conversion clips them to white); other modes as they are."""
+    conversion clips them to white); a ``ValueError`` for 32-bit float ("F") images, whose pixels have no range to
+    scale by (PIL's conversion truncates them, NaN included); other modes as they are."""
+    if image.mode == "F":
+        raise ValueError("its pixels are 32-bit floats (mode F), which have no fixed range: save it with 8 or 16 bits")
     if not image.mode.startswith("I"):
         return image
     depth = 16 if image.mode.startswith("I;16") or np.asarray(image).max(initial=0) < 2**16 else 32
@@ -138,7 +153,10 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         with Image.open(self.paths[i]) as img:
-            return self.transform(to_8bit(img))
+            try:
+                return self.transform(to_8bit(img))
+            except ValueError as err:
+                raise ValueError(f"image {str(self.paths[i])!r}: {err}") from None
 
 
 class Indexed(Dataset):

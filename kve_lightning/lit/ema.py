@@ -49,7 +49,7 @@ class EMA(WeightAveraging):
 
 class PostHocEMA(Callback):
     """Tracks power-function EMAs of the raw training weights (all parameters) and saves them as snapshots, from
-    which ``kve-phema`` reconstructs the EMA of any relative std after training (EDM2 Sec. 3).
+    which ``kve phema`` reconstructs the EMA of any relative std after training (EDM2 Sec. 3).
 
     Updated after every optimizer step, from the weights the optimizer just wrote (the fixed-decay ``EMA`` swaps its
     average in only for validation, so both can run side by side). Each snapshot is ``phema-STEP-STD.safetensors``,

@@ -14,30 +14,13 @@ from diffusers import UNet2DModel
 from lightning.pytorch.utilities import rank_zero_warn
 
 from kve_lightning.interop.checkpoint import read_checkpoint
-from kve_lightning.denoiser import VEDenoiser, default_unet_config, dsm_loss, ve_loss
+from kve_lightning.denoiser import VEDenoiser, dsm_loss, unet_config, ve_loss
 from kve_lightning.lit.ema import EMA, PostHocEMA
 from kve_lightning.storage import to_unit
 from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
 
 from kve_lightning.rng import get_rng_states, set_rng_states
 from kve_lightning.sampling import MAX_SIGMA, SamplerSettings, sample_karras_ve
-
-def unet_config(image_size: int, channels: int, unet: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``UNet2DModel`` keyword arguments for ``channels`` x ``image_size`` x ``image_size`` images:
-    ``default_unet_config`` updated with ``unet``; a ``ValueError`` naming a size or channel count it cannot take."""
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got channels={channels}")
-    config = {k: v for k, v in default_unet_config().items() if k not in ("sample_size", "in_channels", "out_channels")}
-    config |= dict(unet or {})
-    config |= dict(sample_size=image_size, in_channels=channels, out_channels=channels)
-    factor = 2 ** (len(config["down_block_types"]) - 1)
-    if image_size < factor or image_size % factor:
-        raise ValueError(
-            f"image_size={image_size} cannot pass the UNet's {len(config['down_block_types']) - 1} down-samplings: "
-            f"it must be a positive multiple of {factor}"
-        )
-    return config
-
 
 # hyper-parameters of earlier versions, now the settings of the evaluation callbacks (kve_lightning.lit.callbacks)
 RETIRED = frozenset({"grid_size", "grid_seed", "trajectory_rows", "trajectory_cols", "inpaint_grid_images",
@@ -74,7 +57,7 @@ class KarrasVeModule(L.LightningModule):
         ema_decay: the EMA decay of the weights used for validation, sampling and checkpoints (0 turns EMA off).
         ema_warmup: the EMA's warm-up: its decay is min(ema_decay, (1 + n) / (ema_warmup + n)) at update n.
         phema_stds: relative stds of the power-function EMAs to track for post-hoc EMA (EDM2: [0.05, 0.10]); their
-            snapshots go to ``ROOT/phema`` and ``kve-phema`` reconstructs any other std from them (empty: off).
+            snapshots go to ``ROOT/phema`` and ``kve phema`` reconstructs any other std from them (empty: off).
         phema_every_n_steps: optimizer steps between post-hoc EMA snapshots.
         val_num_sigmas: fixed sigmas, log-spaced over [sigma_min, sigma_max], of the validation loss.
         val_seed: the seed of the validation loss's fixed noise.

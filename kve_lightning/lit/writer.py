@@ -18,7 +18,7 @@ class PNGWriter(BasePredictionWriter):
     Before the first batch, the folder's ``manifest.json`` must match the model's weights and sampler settings
     (or be absent, in a folder without seed PNGs, and then it is written): a ``ValueError`` otherwise, with nothing
     written. With ``skip_existing``, the data module (``ImageDataModule.skip_seeds``) leaves out the seeds whose
-    PNG is there, so an interrupted ``kve predict`` or ``kve-sample`` run resumes where it stopped.
+    PNG is there, so an interrupted ``kve predict`` or ``kve sample`` run resumes where it stopped.
 
     Args:
         output_dir: the folder for the PNGs (created if missing).

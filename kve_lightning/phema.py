@@ -96,11 +96,13 @@ def profile_error(ts: Sequence[int], gammas: Sequence[float], x: torch.Tensor, t
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A saved power-function EMA: of relative std ``std`` at optimizer step ``step``, tracked since ``origin``."""
+    """A saved power-function EMA: of relative std ``std`` at optimizer step ``step``, tracked since ``origin`` by the
+    training run ``run`` (the SHA-256 prefix of its weights when tracking began; empty in older snapshots)."""
     path: Path
     step: int
     std: float
     origin: int
+    run: str = ""
 
     @property
     def t(self) -> int:
@@ -113,25 +115,32 @@ def snapshot_name(step: int, std: float) -> str:
 
 
 def list_snapshots(folder: str | Path) -> list[Snapshot]:
-    """The snapshots in ``folder`` (``phema-*.safetensors``; step, std and origin from their header), by step and
-    std; a ``ValueError`` naming a file that is not one."""
+    """The snapshots in ``folder`` (``phema-*.safetensors``; step, std, origin and run from their header), by step
+    and std; a ``ValueError`` naming a file that is not one, or whose header no training run writes (a step not after
+    its origin, a std no power-function EMA has)."""
     snapshots = []
     for path in sorted(Path(folder).glob("phema-*.safetensors")):
         try:
             with safe_open(path, framework="pt") as f:
                 meta = json.loads(f.metadata()["phema"])
-            snapshots.append(Snapshot(path, int(meta["step"]), float(meta["std"]), int(meta["origin"])))
+            snapshot = Snapshot(path, int(meta["step"]), float(meta["std"]), int(meta["origin"]),
+                                str(meta.get("run", "")))
         except Exception as err:  # truncated, not safetensors, no or bad metadata
             raise ValueError(f"{str(path)!r} is not a post-hoc EMA snapshot: {type(err).__name__}: {err}") from None
+        if not (0 <= snapshot.origin < snapshot.step and 0 < snapshot.std < STD_MAX):
+            raise ValueError(f"{str(path)!r} has an impossible header: step {snapshot.step}, origin {snapshot.origin}, "
+                             f"std {snapshot.std} (need 0 <= origin < step and 0 < std < {STD_MAX:.4f})")
+        snapshots.append(snapshot)
     return sorted(snapshots, key=lambda s: (s.step, s.std))
 
 
 def reconstruction(snapshots: Sequence[Snapshot], std: float) -> tuple[torch.Tensor, float, int]:
     """(coefficients of ``snapshots``, profile error, step) of the EMA of relative std ``std`` at the newest
     snapshot's step; a ``ValueError`` if the snapshots come from different runs."""
-    origins = sorted({s.origin for s in snapshots})
-    if len(origins) > 1:
-        raise ValueError(f"the snapshots were tracked from different steps {origins}: mixed runs? keep one run's")
+    origins, runs = sorted({s.origin for s in snapshots}), sorted({s.run for s in snapshots})
+    if len(origins) > 1 or len(runs) > 1:
+        raise ValueError(f"the snapshots come from different runs (runs {runs}, tracked from steps {origins}): keep "
+                         f"one run's")
     t = max(s.t for s in snapshots)
     ts, gammas = [s.t for s in snapshots], [std_to_gamma(s.std) for s in snapshots]
     gamma = std_to_gamma(std)
@@ -149,6 +158,9 @@ def combine(snapshots: Sequence[Snapshot], coefficients: Sequence[torch.Tensor])
         first = first or tensors
         if {n: v.shape for n, v in tensors.items()} != {n: v.shape for n, v in first.items()}:
             raise ValueError(f"{str(snapshot.path)!r} holds other tensors than {str(snapshots[0].path)!r}")
+        bad = next((n for n, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()), None)
+        if bad is not None:
+            raise ValueError(f"{str(snapshot.path)!r} holds non-finite values in {bad}: refusing to average them")
         for out, x in zip(sums, coefficients):
             for name, value in tensors.items():
                 out[name] = out.get(name, 0) + x[k].item() * value.double()

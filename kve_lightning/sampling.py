@@ -265,7 +265,8 @@ def sample_karras_ve(
     (descending, ending in 0) replaces the schedule of the settings. The start is x_0 = sigma_0 * eps, with eps the
     unit-variance ``latents`` if given (as EDM's ``edm_sampler`` and diffusers take them); then one noise tensor
     eps_i is drawn per step, even where gamma_i = 0, so a step's noise does not depend on the churn window.
-    ``generator`` may be one ``torch.Generator`` or one per batch row. ``callback(i, sigma_hat, x_hat, denoised)`` is called after each step's first denoiser evaluation.
+    ``generator`` may be one ``torch.Generator`` or one per batch row. ``callback(i, sigma_hat, x_hat, denoised)``
+    is called after each step's first denoiser evaluation.
     """
     settings = (settings or SamplerSettings()).replace(**overrides)
     if latents is not None:

@@ -1,4 +1,5 @@
-"""The search behind ``kve tune``: search S_churn, S_tmin, S_tmax, S_noise of EDM Algorithm 2 at a fixed NFE on common random numbers.
+"""The search behind ``kve tune``: S_churn, S_tmin, S_tmax, S_noise of EDM Algorithm 2 at a fixed NFE, on common
+random numbers.
 
 EDM (Karras et al. 2022, Sec. 4, Appendix E.2) tuned the stochasticity per model by grid search and noted that the
 search is noisy. Here every arm samples the same seeds (``module.sample`` / the pipeline draw x_0 and every step's
@@ -25,6 +26,9 @@ from kve_lightning.metrics import feature_moments, frechet_distance, matrix_sqrt
 from kve_lightning.sampling import GAMMA_MAX, SamplerSettings
 
 SEARCHED = ("s_churn", "s_min", "s_max", "s_noise")
+# S_noise searched within: EDM's are 1.003-1.007, tuned ones here 0.77-0.92 (README); far outside, the churn noise is
+# mostly added or mostly missing and the FID moves by noise only
+S_NOISE_RANGE = (0.5, 1.5)
 METRICS = {"fid-digits": "digits", "fid-inception": "inception"}
 Evaluate = Callable[[SamplerSettings], torch.Tensor]  # settings -> features [n, d] of the same n seeds
 
@@ -52,8 +56,8 @@ def round_significant(value: float, digits: int = 4) -> float:
 def moved(settings: SamplerSettings, move: Move, sign: int, level: int) -> SamplerSettings | None:
     """``settings`` with ``move.name`` moved one step in direction ``sign`` at refinement ``level``, rounded to 4
     significant digits (so that the YAML holds exactly what was measured) and kept where it has an effect: S_tmin,
-    S_tmax in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)], S_noise >= 0. ``None`` when the move leaves
-    the value unchanged or makes S_tmin > S_tmax."""
+    S_tmax in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)], S_noise in ``S_NOISE_RANGE``. ``None`` when
+    the move leaves the value unchanged or makes S_tmin > S_tmax."""
     value = getattr(settings, move.name)
     if move.name == "s_churn":
         value = min(value, settings.num_steps * GAMMA_MAX)
@@ -64,6 +68,8 @@ def moved(settings: SamplerSettings, move: Move, sign: int, level: int) -> Sampl
         new = max(value + sign * move.step / 2**level, 0.0)
         if move.name == "s_churn":
             new = min(new, settings.num_steps * GAMMA_MAX)
+        if move.name == "s_noise":
+            new = min(max(new, S_NOISE_RANGE[0]), S_NOISE_RANGE[1])
     new = round_significant(new)
     if new == value:
         return None
@@ -144,7 +150,10 @@ def tune(evaluate: Evaluate, scorer: Scorer, baseline: SamplerSettings, searched
     def out_of_time() -> bool:
         return clock() - start + sum(a.seconds for a in arms) / len(arms) > budget_s
 
-    best = run(baseline)
+    try:
+        best = run(baseline)
+    except KeyboardInterrupt:
+        return arms  # none: interrupted in the first arm
     try:
         for level in range(levels):
             improved = True

@@ -9,6 +9,7 @@ whose PNG is already there: an interrupted run resumes where it stopped, whichev
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -39,10 +40,11 @@ def writer_id() -> str:
     return f"{re.sub(r'[^A-Za-z0-9_-]', '_', socket.gethostname())}-{os.getpid()}"
 
 
-def is_stale_temporary(name: str) -> bool:
-    """A temporary file (``TEMP_FILE``) whose writer is gone: a process of this host that no longer runs, or a name
-    without a writer. Another host's temporaries are never stale (their processes cannot be seen from here)."""
-    m = TEMP_FILE.fullmatch(name)
+def is_stale_temporary(name: str, pattern: re.Pattern = TEMP_FILE) -> bool:
+    """A temporary file (``pattern``: a sample folder's ``TEMP_FILE`` by default) whose writer is gone: a process of
+    this host that no longer runs, or a name without a writer. Another host's temporaries are never stale (their
+    processes cannot be seen from here)."""
+    m = pattern.fullmatch(name)
     if m is None:
         return False
     if m[1] is None:
@@ -56,6 +58,16 @@ def is_stale_temporary(name: str) -> bool:
     except PermissionError:  # alive, another user's
         return False
     return False
+
+
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Delete the temporary files that dead writers of ``path`` (``save_atomic``: ``.NAME.HOST-PID.*.tmp`` beside it)
+    left behind, e.g. after a SIGKILL mid-write."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:([\w-]+)-(\d+)\.)?\w+\.tmp")
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if is_stale_temporary(p.name, pattern):
+            p.unlink(missing_ok=True)
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:

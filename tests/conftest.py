@@ -18,6 +18,14 @@ TINY_MODEL_ARGS = [f"--model.unet={TINY_UNET}", "--model.num_steps=4", "--sample
                    "--sample_grid.trajectory_rows=2", "--sample_grid.trajectory_cols=3"]
 
 
+# a `kve fit` of 3 steps an epoch on digits with the tiny UNet, deterministic, without a logger
+SHORT_FIT_ARGS = [f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS, "--trainer.limit_train_batches=3",
+                  "--trainer.limit_val_batches=1", "--trainer.check_val_every_n_epoch=1",
+                  "--trainer.num_sanity_val_steps=0", "--trainer.deterministic=true",
+                  "--trainer.enable_progress_bar=false", "--data.batch_size=16", "--data.num_workers=0",
+                  "--trainer.logger=false"]
+
+
 def run_kve(*args: str, cwd=None, check=True) -> subprocess.CompletedProcess:
     """``python -m kve_lightning ARGS`` in a subprocess (exit code and messages as a user sees them)."""
     proc = subprocess.run([sys.executable, "-m", "kve_lightning", *args], cwd=cwd, capture_output=True, text=True)
@@ -78,3 +86,17 @@ def trained_run(tmp_path_factory):
     ckpts = sorted(root.rglob("last.ckpt"))
     assert ckpts == [root / "runs" / "digits" / "checkpoints" / "last.ckpt"], list(root.rglob("*"))
     return root, ckpts[0]
+
+
+@pytest.fixture(scope="session")
+def phema_run(tmp_path_factory):
+    """`kve fit` on digits for 6 steps with post-hoc EMA snapshots of 0.05 and 0.10 every 2: (run folder, last.ckpt)."""
+    root = tmp_path_factory.mktemp("phema_run")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cli_main(["fit", *SHORT_FIT_ARGS, "--trainer.max_steps=6", "--trainer.max_epochs=2",
+                  "--model.phema_stds=[0.05,0.1]", "--model.phema_every_n_steps=2"])
+    finally:
+        os.chdir(cwd)
+    return root / "runs" / "digits", root / "runs" / "digits" / "checkpoints" / "last.ckpt"

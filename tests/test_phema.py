@@ -2,8 +2,6 @@
 reconstruction (against an EMA tracked directly, on random walks and in a real run), resume, and kve phema."""
 
 import json
-import math
-import os
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import parameters_to_vector
 
-from conftest import REPO, TINY_MODEL_ARGS, TINY_UNET, assert_refused, folder_state, sample_script
+from conftest import REPO, SHORT_FIT_ARGS, TINY_MODEL_ARGS, TINY_UNET, assert_refused, folder_state, sample_script
 from kve_lightning import ImageDataModule, KarrasVeModule
 from kve_lightning.cli import cli_main
 from kve_lightning.interop.checkpoint import read_checkpoint
@@ -171,10 +169,7 @@ def test_reconstruction_matches_an_ema_tracked_directly(tmp_path):
 # ---------------------------------------------------------------------------------------------- resume
 
 CONFIG = f"--config={REPO / 'configs' / 'digits.yaml'}"
-FIT_ARGS = [CONFIG, *TINY_MODEL_ARGS, "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
-            "--trainer.check_val_every_n_epoch=1", "--trainer.num_sanity_val_steps=0",
-            "--trainer.deterministic=true", "--trainer.enable_progress_bar=false", "--data.batch_size=16",
-            "--data.num_workers=0", "--trainer.logger=false"]
+FIT_ARGS = SHORT_FIT_ARGS
 PHEMA = ["--model.phema_stds=[0.05,0.1]", "--model.phema_every_n_steps=4"]
 LAST = Path("runs", "digits", "checkpoints", "last.ckpt")
 SNAPSHOTS = Path("runs", "digits", "phema")
@@ -242,20 +237,6 @@ def test_bad_phema_settings_are_refused_when_the_module_is_built():
 
 
 # ---------------------------------------------------------------------------------------------- kve phema
-
-
-@pytest.fixture(scope="module")
-def phema_run(tmp_path_factory):
-    """`kve fit` on digits for 6 steps with snapshots of 0.05 and 0.10 every 2: (run folder, last.ckpt)."""
-    root = tmp_path_factory.mktemp("phema_run")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        cli_main(["fit", *FIT_ARGS, "--trainer.max_steps=6", "--trainer.max_epochs=2",
-                  "--model.phema_stds=[0.05,0.1]", "--model.phema_every_n_steps=2"])
-    finally:
-        os.chdir(cwd)
-    return root / "runs" / "digits", root / LAST
 
 
 def phema_main(argv: list[str]) -> None:

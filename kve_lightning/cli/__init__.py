@@ -46,5 +46,5 @@ def cli_main(args: list[str] | None = None) -> None:
         from kve_lightning.cli.common import error_line
 
         kind = "" if isinstance(err, argparse.ArgumentError) else f"{type(err).__name__}: "
-        print(f"kve: error: {kind}{error_line(err)}", file=sys.stderr)
+        print(f"kve: error: {kind}{error_line(err, argv)}", file=sys.stderr)
         sys.exit(3 if isinstance(err, FloatingPointError) else 2)

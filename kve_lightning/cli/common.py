@@ -81,16 +81,27 @@ def load_yaml(text: str, path: str = "") -> Any:
 set_loader(PARSER_MODE, load_yaml, exceptions=(yaml.YAMLError,))
 
 
-def error_line(err: BaseException) -> str:
-    """The error's message on one line, each value in it already bounded (``bounded_repr``)."""
-    return " ".join(str(err).split())[:2000]
+def error_line(err: BaseException, argv: list[str] | None = None) -> str:
+    """The error's message on one line, each value in it already bounded (``bounded_repr``). A parsing error that
+    names no file while ``argv`` gives ``--config`` files says where to look."""
+    line = " ".join(str(err).split())[:2000]
+    configs = config_files(argv or [])
+    if isinstance(err, argparse.ArgumentError) and configs and not any(c in line for c in configs):
+        line += f" (given by a flag or by --config {', '.join(map(repr, configs))})"
+    return line
 
 
-def fail(prog: str, err: BaseException) -> NoReturn:
+def config_files(argv: list[str]) -> list[str]:
+    """The values of ``-c``/``--config`` in ``argv``."""
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
+    return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
+def fail(prog: str, err: BaseException, argv: list[str] | None = None) -> NoReturn:
     """One line on stderr, exit code 2 (``KVE_TRACEBACK=1``: the traceback instead)."""
     if os.environ.get("KVE_TRACEBACK") == "1":
         raise err
-    print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
+    print(f"{prog}: error: {error_line(err, argv)}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -176,7 +187,7 @@ def run_command(name: str, argv: list[str]) -> None:
         parser, run = command_parser(name)
         config = parser.parse_args(argv).as_dict()
     except (argparse.ArgumentError, ValueError, OSError, yaml.YAMLError) as err:
-        fail(prog, err)
+        fail(prog, err, argv)
     config.pop("config", None)
     if "model" in config:
         config["model"] = {k: v for k, v in (config["model"] or {}).items() if v is not None}
@@ -187,6 +198,9 @@ def run_command(name: str, argv: list[str]) -> None:
         run(**config)
     except (ValueError, OSError) as err:
         fail(prog, err)
+    except KeyboardInterrupt:  # what is written is written atomically: nothing half-written stays
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ------------------------------------------------------------------------------------------------ trained models

@@ -103,7 +103,8 @@ class KveCLI(LightningCLI):
             checkpoint = read_checkpoint(path)
             if subcommand == "fit" and "optimizer_states" not in checkpoint:
                 raise ValueError(f"{str(path)!r} holds weights only (no optimizer or loop state, e.g. a kve phema "
-                                 f"output): kve fit cannot resume it; sample, export or test it with --ckpt_path")
+                                 f"output): kve fit cannot resume it; use it with kve sample, export or test "
+                                 f"--ckpt_path")
             hparams = checkpoint_hparams(checkpoint["hyper_parameters"])
             split = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k in SPLIT}
             set_checkpoint_defaults(self._parser(subcommand), hparams, split, path)

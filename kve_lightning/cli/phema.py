@@ -11,10 +11,12 @@ import torch
 from safetensors import safe_open
 
 from kve_lightning.cli.common import check_outputs, writable_file
+from kve_lightning.interop.checkpoint import read_checkpoint
 from kve_lightning.interop.export import check_output_dir, export_module
 from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.phema import STD_MAX, Snapshot, combine, list_snapshots, reconstruction, std_to_gamma
-from kve_lightning.storage import save_atomic
+from kve_lightning.sampling import bounded_repr
+from kve_lightning.storage import remove_stale_temporaries, save_atomic
 
 DOC = """Post-hoc EMA: the EMA of any relative std, reconstructed from a run's power-function EMA snapshots.
 
@@ -48,6 +50,10 @@ def run(snapshots: str, ckpt_path: str | None = None, std: str | None = None, ou
         overwrite: replace an existing ``out`` file or earlier ``export``.
         max_error: the largest profile error accepted (see above).
     """
+    if not 0 < max_error <= 1:
+        raise ValueError(f"--max_error must be a number in (0, 1], got {bounded_repr(max_error)}")
+    if list and any(v is not None for v in (std, out, export, ckpt_path)):
+        raise ValueError("--list true only lists the snapshots: leave out --std, --out, --export and --ckpt_path")
     folder = Path(snapshots)
     folder = folder / "phema" if (folder / "phema").is_dir() else folder
     if not folder.is_dir():
@@ -74,13 +80,20 @@ def run(snapshots: str, ckpt_path: str | None = None, std: str | None = None, ou
                              f"{max_error:g}: these snapshots cannot reconstruct it (see --list true; snapshot "
                              f"more often)")
     module = KarrasVeModule.from_checkpoint(ckpt_path)
+    check_same_run(found, ckpt_path)
     for snapshot in found:
         check_snapshot_tensors(snapshot, module, ckpt_path)
     outputs = [(phema_path(out, s, len(stds)), phema_path(export, s, len(stds))) for s in stds]
+    # the run's own files are never an output: its snapshots, checkpoints and logs
+    run_folder = folder.parent
+    check_outputs({f"{flag} (std {s!r})": path for s, paths in zip(stds, outputs)
+                   for flag, path in zip(("--out", "--export"), paths)},
+                  {"--ckpt_path": ckpt_path, "--snapshots": folder, "the run's checkpoints": run_folder / "checkpoints",
+                   "the run's logs": run_folder / "lightning_logs"})
     for file, folder_out in outputs:
-        check_outputs({"--out": file, "--export": folder_out}, {"--ckpt_path": ckpt_path, "--snapshots": folder})
         if file:
             writable_file(file, "--out", overwrite)
+            remove_stale_temporaries(file)
         if folder_out:
             check_output_dir(folder_out, overwrite, ckpt_path)
     for s, (x, error, step), weights, (file, folder_out) in zip(stds, plans, combine(found, [p[0] for p in plans]),
@@ -112,6 +125,17 @@ def phema_path(template: str | None, std: float, count: int) -> Path | None:
     if count > 1 and "{std}" not in template:
         raise ValueError(f"{template!r}: with several --std values the output must contain {{std}}")
     return Path(template.replace("{std}", f"{std:g}"))
+
+
+def check_same_run(snapshots: list[Snapshot], ckpt: str) -> None:
+    """A ``ValueError`` unless the snapshots were written by the run of checkpoint ``ckpt`` (its ``PostHocEMA``
+    state names the run; older snapshots and checkpoints without one are taken as they are)."""
+    states = read_checkpoint(ckpt).get("callbacks", {}).values()
+    runs = {s["run"] for s in states if isinstance(s, dict) and "averages" in s and s.get("run")}
+    theirs = {s.run for s in snapshots if s.run}
+    if theirs and runs and not theirs <= runs:
+        raise ValueError(f"the snapshots are of run {sorted(theirs)}, checkpoint {ckpt!r} of run {sorted(runs)}: give "
+                         f"the checkpoint of the run that wrote them")
 
 
 def check_snapshot_tensors(snapshot: Snapshot, module: KarrasVeModule, ckpt: str) -> None:

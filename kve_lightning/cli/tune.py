@@ -1,4 +1,5 @@
-"""``kve tune``: S_churn, S_tmin, S_tmax, S_noise of EDM Algorithm 2 searched at a fixed NFE (``kve_lightning.search``)."""
+"""``kve tune``: S_churn, S_tmin, S_tmax, S_noise of EDM Algorithm 2 searched at a fixed NFE
+(``kve_lightning.search``)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ DOC = """Tune the sampler's stochasticity (S_churn, S_tmin, S_tmax, S_noise) of 
 Every arm samples the same --n seeds (common random numbers: the same initial noise and the same churn noise per
 seed), so arms differ only by their settings. The first arm is EDM Table 5's VE settings (80 / 0.05 / 1 / 1.007);
 then a compass search moves one setting at a time, keeping moves that lower the FID (against the data set's images,
---metric), with finer steps when none does, until --budget minutes would be exceeded (estimated from the arm times).
+--metric), with finer steps when none does, until --budget minutes would be exceeded (estimated from the arm times)
+or no move helps. The search space: S_tmin, S_tmax in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)] (above,
+the churn is capped), S_noise in [0.5, 1.5]. Ctrl-C ends it and writes the best arm so far (none: nothing written).
 Each arm's FID difference to Table 5 gets a paired bootstrap interval (the same resampled seeds for both arms, the
 real statistics fixed). Prints a table, writes a plot (--plot) and the best arm as a YAML config (--out: `model:`
 with num_steps and the settings) for the --config of `kve predict`, `kve sample` and `kve export`; an existing --out
@@ -47,7 +50,8 @@ def num_steps_for(nfe: int, solver: str) -> int:
 
 def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35,
         metric: Literal["fid-digits", "fid-inception"] = "fid-digits", n: int = 1000, seed: int = 0,
-        budget: float = 10.0, bootstrap: int = 200, confidence: float = 0.95, out: str = "best.yaml", plot: str | None = None,
+        budget: float = 10.0, bootstrap: int = 200, confidence: float = 0.95, out: str = "best.yaml",
+        plot: str | None = None,
         data: DataSource = DataSource(), batch_size: int = 500, device: str | None = None, overwrite: bool = False,
         model: dict[str, Any] | None = None) -> None:
     """Search, print the table, write the best arm's config and the plot.
@@ -120,6 +124,9 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
 
     budget_s = budget * 60 - (time.monotonic() - began)
     arms = tune(evaluate, scorer, baseline, searched, budget_s, report=report)
+    if not arms:
+        print("kve tune: interrupted during the first (Table 5) arm: no arm finished, nothing written", file=sys.stderr)
+        sys.exit(130)
     paired_intervals(arms, confidence)
     best = min(arms, key=lambda a: a.fid)
     pct = f"{confidence:.0%}"

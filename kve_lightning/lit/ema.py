@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save
 
 from kve_lightning.phema import ema_beta, list_snapshots, snapshot_name, std_to_gamma
-from kve_lightning.storage import save_atomic
+from kve_lightning.storage import save_atomic, weights_sha256
 
 
 def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor, decay: float,
@@ -73,6 +73,7 @@ class PostHocEMA(Callback):
         self.every = snapshot_every_n_steps
         self.dirpath = None if dirpath is None else Path(dirpath)
         self.origin = self.step = 0
+        self.run = ""  # the run's identity in every snapshot: the SHA-256 prefix of the weights tracking began at
         self.averages: dict[float, dict[str, torch.Tensor]] = {}
         self._key = self._generate_state_key(stds=list(self.gammas), dirpath=None if dirpath is None else str(dirpath))
 
@@ -90,23 +91,30 @@ class PostHocEMA(Callback):
         device and deletes the snapshots of its stds written after its checkpoint (a continuation rewrites them).
         Rank 0 checks the folder and every rank raises its finding (none waits on a rank that failed)."""
         resumed = bool(self.averages)
-        problem = trainer.strategy.broadcast(self._check_folder(resumed) if trainer.is_global_zero else None)
+        problem = trainer.strategy.broadcast(self._check_folder(resumed, trainer.ckpt_path) if trainer.is_global_zero
+                                             else None)
         if problem:
             raise FileExistsError(problem)
         if not resumed:
             self.origin = self.step = trainer.global_step
+            self.run = weights_sha256(pl_module)[:16]
             self.averages = {std: {n: p.detach().clone() for n, p in pl_module.named_parameters()}
                              for std in self.gammas}
         for average in self.averages.values():
             for name, p in pl_module.named_parameters():
                 average[name] = average[name].to(p)
 
-    def _check_folder(self, resumed: bool) -> str | None:
+    def _check_folder(self, resumed: bool, ckpt_path: str | None) -> str | None:
         try:
             snapshots = list_snapshots(self.dirpath)
         except ValueError as err:  # a broken or foreign phema-* file
             return str(err)
         later = [s for s in snapshots if not resumed or (s.std in self.gammas and s.step > self.step)]
+        if later and not resumed and ckpt_path:  # resumed, but the checkpoint tracked other stds (or none)
+            return (f"phema folder {str(self.dirpath)!r} holds snapshots of stds {sorted({s.std for s in later})}, "
+                    f"and the resumed checkpoint {str(ckpt_path)!r} tracked no post-hoc EMA of stds "
+                    f"{sorted(self.gammas)}: resume with the stds it tracked (--model.phema_stds), or move the "
+                    f"snapshots away")
         if later and not resumed:
             return (f"phema folder {str(self.dirpath)!r} already holds snapshots of stds "
                     f"{sorted({s.std for s in later})} (up to step {later[-1].step}) and this run starts afresh: move "
@@ -140,14 +148,14 @@ class PostHocEMA(Callback):
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
         for std, average in self.averages.items():
-            meta = {"phema": json.dumps({"step": self.step, "std": std, "origin": self.origin})}
+            meta = {"phema": json.dumps({"step": self.step, "std": std, "origin": self.origin, "run": self.run})}
             payload = save({n: v.detach().cpu().contiguous() for n, v in average.items()}, metadata=meta)
             save_atomic(self.dirpath / snapshot_name(self.step, std), lambda f: f.write(payload))
 
     def state_dict(self) -> dict:
-        return {"origin": self.origin, "step": self.step,
+        return {"origin": self.origin, "step": self.step, "run": self.run,
                 "averages": {str(std): average for std, average in self.averages.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.origin, self.step = state_dict["origin"], state_dict["step"]
+        self.origin, self.step, self.run = state_dict["origin"], state_dict["step"], state_dict.get("run", "")
         self.averages = {float(std): dict(average) for std, average in state_dict["averages"].items()}

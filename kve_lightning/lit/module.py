@@ -124,6 +124,8 @@ class KarrasVeModule(L.LightningModule):
         if likelihood_steps < 1 or likelihood_probes < 1:
             raise ValueError(f"need likelihood_steps >= 1, likelihood_probes >= 1; got {likelihood_steps}, "
                              f"{likelihood_probes}")
+        if phema_every_n_steps < 1:
+            raise ValueError(f"phema_every_n_steps must be >= 1, got phema_every_n_steps={phema_every_n_steps}")
         if phema_stds:
             PostHocEMA(phema_stds, phema_every_n_steps)  # checks the settings now, not when fitting starts
         self.denoiser = VEDenoiser(UNet2DModel(**unet_config(image_size, channels, unet)))

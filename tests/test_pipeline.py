@@ -55,7 +55,7 @@ def test_output_types_as_in_diffusers(pipe):
 
     pt = call("pt")
     assert isinstance(pt, ImagePipelineOutput) and pt.images.shape == (2, 1, 8, 8)
-    assert pt.images.min() >= 0 and pt.images.max() <= 1 and pt.images.std() > 0
+    assert pt.images.std() > 0  # not a constant image
     array = call("np").images
     assert isinstance(array, np.ndarray) and array.dtype == np.float32 and array.shape == (2, 8, 8, 1)
     np.testing.assert_array_equal(array, pt.images.permute(0, 2, 3, 1).numpy())

@@ -32,7 +32,8 @@ MANIFEST = "manifest.json"
 # kve inpaint's mask.png, the manifest, and save_atomic's temporary files
 SAMPLE_PNG = re.compile(r"(?:\d{5,}_)?\d{6,}\.png")
 # a temporary file names its writer (host and process id) so that a cleanup deletes only those of dead writers
-TEMP_FILE = re.compile(r"\.(?:(?:\d{5,}_)?\d{6,}\.png|grid\.png|mask\.png|manifest\.json)\.(?:([\w-]+)-(\d+)\.)?\w+\.tmp")
+TEMP_FILE = re.compile(r"\.(?:(?:\d{5,}_)?\d{6,}\.png|grid\.png|mask\.png|manifest\.json)"
+                       r"\.(?:([\w-]+)-(\d+)\.)?\w+\.tmp")
 
 
 def writer_id() -> str:
@@ -78,7 +79,8 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 def to_pil(image: torch.Tensor) -> Image.Image:
     """[C, H, W] in [0, 1] (C = 1 or 3) -> 8-bit PIL image ("L" or "RGB"), rounding to the nearest level."""
     array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array, mode="L" if array.shape[-1] == 1 else "RGB")
+    gray = array.shape[-1] == 1
+    return Image.fromarray(array[..., 0] if gray else array, mode="L" if gray else "RGB")
 
 
 def umask_mode(mode: int) -> int:

@@ -231,7 +231,7 @@ def test_snapshots_and_averages_survive_resume_and_the_ema_is_unaffected(tmp_pat
 
 def test_bad_phema_settings_are_refused_when_the_module_is_built():
     for stds, every, match in (((0.5,), 10, "no power-function EMA"), ((0.05, 0.05), 10, "distinct"),
-                               ((0.05,), 0, "snapshot_every_n_steps")):
+                               ((0.05,), 0, "phema_every_n_steps=0")):
         with pytest.raises(ValueError, match=match):
             KarrasVeModule(unet=json.loads(TINY_UNET), phema_stds=stds, phema_every_n_steps=every)
 

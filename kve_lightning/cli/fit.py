@@ -2,7 +2,7 @@
 
 Besides the module's, the data's and the Trainer's options it has the callbacks' groups (``--writer.*`` for
 predict's PNGs, ``--sample_grid.*``, ``--inpaint_grid.*``, ``--fid.*``, ``--bpd.*`` for what validation logs), and the
-names every ``kve`` subcommand shares: ``--seeds`` (the predicted seeds) and ``--out`` (their folder). The rules on
+names ``kve sample`` gives the same settings: ``--seeds``, ``--out``, ``--grid`` and ``--skip_existing``. The rules on
 top of LightningCLI's:
 
 - **A run lives under ``--trainer.default_root_dir``.** A configured ``ModelCheckpoint`` without a ``dirpath``
@@ -11,7 +11,9 @@ top of LightningCLI's:
   ``ModelCheckpoint``: of Lightning's own, ``ROOT/lightning_logs/version_*/checkpoints``).
 - **With ``--ckpt_path``, the checkpoint's hyper-parameters are the defaults**, and what the config files and flags
   give overrides them: ``--model.num_steps 18`` samples with 18 steps. Architecture settings (UNet, image size,
-  channels) and the training noise range that contradict the checkpoint are an error naming them.
+  channels) and the training noise range that contradict the checkpoint are an error naming them, and so is a data
+  split that would hold out images the model was trained on (its own split is the default). ``kve test`` needs a
+  checkpoint, and ``kve fit`` refuses to resume one that holds weights only.
 - **``sigma_max: auto``** (``--model.sigma_max auto``) becomes a number before the model is built: the training
   split's largest pairwise distance (Song & Ermon 2020, technique 1), or with ``--ckpt_path`` the checkpoint's own.
   Hyper-parameters, checkpoints, the saved config and exports hold that number.
@@ -31,10 +33,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from kve_lightning.cli.common import PARSER_MODE, ConfigFile
+from kve_lightning.denoiser import unet_config
 from kve_lightning.interop.checkpoint import read_checkpoint
 from kve_lightning.lit.callbacks import FID, BitsPerDim, InpaintingGrid, SampleGrid
 from kve_lightning.lit.data import MAX_DISTANCE_IMAGES, SPLIT, ImageDataModule, split_conflicts
-from kve_lightning.denoiser import unet_config
 from kve_lightning.lit.module import checkpoint_hparams
 from kve_lightning.lit.writer import PNGWriter
 

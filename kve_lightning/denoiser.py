@@ -1,11 +1,19 @@
-"""EDM's VE preconditioning around a diffusers ``UNet2DModel`` with a Fourier time embedding."""
+"""EDM's preconditionings of a VE process around a diffusers ``UNet2DModel`` with a Fourier time embedding, and the
+denoising score matching loss (EDM Table 1: the VE column and "ours")."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal, get_args
 
 import torch
 from diffusers import UNet2DModel
+
+Precond = Literal["ve", "edm"]
+PRECONDS: tuple[str, ...] = get_args(Precond)
+SigmaDist = Literal["log_uniform", "log_normal"]
+LossWeight = Literal["ve", "edm"]
+SIGMA_DATA = 0.5  # EDM's for CIFAR-10 in [-1, 1]
 
 
 def default_unet_config(sample_size: int = 16, channels: int = 1) -> dict[str, Any]:
@@ -42,15 +50,27 @@ def unet_config(image_size: int, channels: int, unet: dict[str, Any] | None) -> 
     return config
 
 
-class VEDenoiser(torch.nn.Module):
-    """D(x; sigma) = x + sigma * F(x; ln(sigma / 2)): EDM Table 1, VE column (c_skip = 1, c_out = sigma, c_in = 1).
+def preconditioning(precond: str, sigma: torch.Tensor, sigma_data: float) -> tuple:
+    """(c_skip, c_out, c_in) of EDM Table 1: "ve" (VE column: 1, sigma, 1) or "edm" ("ours": sigma_d^2 / (sigma^2 +
+    sigma_d^2), sigma sigma_d / sqrt(sigma^2 + sigma_d^2), 1 / sqrt(sigma^2 + sigma_d^2))."""
+    if precond == "ve":
+        return 1, sigma, 1
+    total = sigma**2 + sigma_data**2
+    return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt()
 
-    A Fourier ``UNet2DModel`` takes the log of its timestep and divides its output by it, so
-    D(x; sigma) = x + sigma * (sigma / 2) * unet((x + 1) / 2, sigma / 2).sample, the call of diffusers'
-    ``KarrasVePipeline``. With ``center_input_sample=True`` the UNet maps (x + 1) / 2 back to x itself.
+
+class VEDenoiser(torch.nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) of a VE process (sigma(t) = t, s(t) = 1) around a Fourier
+    ``UNet2DModel``, with EDM Table 1's VE preconditioning (``precond="ve"``: D = x + sigma F) or its own ("edm",
+    with ``sigma_data``).
+
+    A Fourier ``UNet2DModel`` takes the log of its timestep and divides its output by it, so with the timestep
+    sigma / 2 (c_noise = ln(sigma / 2) for both preconditionings) F = (sigma / 2) unet((c_in x + 1) / 2, sigma / 2),
+    and with ``center_input_sample=True`` the UNet maps (c_in x + 1) / 2 back to c_in x itself. For "ve" this is
+    D = x + sigma (sigma / 2) unet((x + 1) / 2, sigma / 2).sample, the call of diffusers' ``KarrasVePipeline``.
     """
 
-    def __init__(self, unet: UNet2DModel):
+    def __init__(self, unet: UNet2DModel, precond: Precond = "ve", sigma_data: float = SIGMA_DATA):
         super().__init__()
         embedding = unet.config.get("time_embedding_type")
         if embedding != "fourier":
@@ -58,7 +78,12 @@ class VEDenoiser(torch.nn.Module):
                 f"VEDenoiser needs a UNet2DModel with time_embedding_type='fourier' (c_noise = ln(sigma / 2)), "
                 f"got time_embedding_type={embedding!r}"
             )
+        if precond not in PRECONDS:
+            raise ValueError(f"unknown precond={precond!r}; expected one of {PRECONDS}")
+        if not 0 < sigma_data < math.inf:
+            raise ValueError(f"sigma_data must be a positive number, got sigma_data={sigma_data!r}")
         self.unet = unet
+        self.precond, self.sigma_data = precond, float(sigma_data)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
@@ -67,27 +92,26 @@ class VEDenoiser(torch.nn.Module):
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must be a scalar or have shape [{x.shape[0]}], got {tuple(sigma.shape)}")
         c = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        c_skip, c_out, c_in = 1, c, 1  # EDM Table 1, VE column
-        # c_noise = ln(sigma / 2): the Fourier UNet takes the log of its timestep sigma / 2 and divides its output
-        # by it, so F(x; c_noise) = (sigma / 2) * unet((x + 1) / 2, sigma / 2) in diffusers' [0, 1] input convention
-        return c_skip * x + c_out * (c / 2) * self.unet(c_in * (x + 1) / 2, sigma / 2).sample
+        c_skip, c_out, c_in = preconditioning(self.precond, c, self.sigma_data)
+        return c_skip * x + c_out * (c / 2) * self.unet((c_in * x + 1) / 2, sigma / 2).sample
 
 
-def dsm_loss(denoiser: VEDenoiser, y: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Per-sample VE denoising score matching: (1 / sigma^2) ||D(y + sigma eps; sigma) - y||^2, mean over elements.
+def dsm_loss(denoiser: VEDenoiser, y: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
+             weight: LossWeight = "ve", sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """Per-sample denoising score matching (EDM Eq. 2): lambda(sigma) ||D(y + sigma eps; sigma) - y||^2, mean over
+    elements, with EDM Table 1's lambda: ``weight`` "ve" 1 / sigma^2 (then it equals ||F + eps||^2 of the VE
+    preconditioning) or "edm" (sigma^2 + sigma_d^2) / (sigma sigma_d)^2. Kept in float32."""
+    c = sigma.reshape(-1, *([1] * (y.ndim - 1))).float()
+    error = (denoiser(y + c.to(y.dtype) * eps, sigma).float() - y.float()) ** 2
+    weighted = error / c**2 if weight == "ve" else error * (c**2 + sigma_data**2) / (c * sigma_data) ** 2
+    return weighted.flatten(1).mean(1)
 
-    Equals ||F + eps||^2 (EDM Eq. 2 with lambda(sigma) = 1 / sigma^2, VE column of Table 1). Kept in float32.
-    """
-    c = sigma.reshape(-1, *([1] * (y.ndim - 1)))
-    D = denoiser(y + c * eps, sigma).float()
-    return ((D - y.float()) ** 2 / c.float() ** 2).flatten(1).mean(1)
 
-
-def ve_loss(denoiser: VEDenoiser, y: torch.Tensor, sigma_min: float, sigma_max: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VE training loss of a batch: ``dsm_loss`` at sigma = sigma_min (sigma_max / sigma_min)^u, u ~ U(0, 1)
-    (log-uniform on [sigma_min, sigma_max]), eps ~ N(0, I), drawn from the global generator. Returns the per-sample
-    losses [B] and their sigmas [B]."""
-    u = torch.rand(y.shape[0], device=y.device)
-    sigma = sigma_min * (sigma_max / sigma_min) ** u
-    return dsm_loss(denoiser, y, sigma, torch.randn_like(y)), sigma
+def sample_sigmas(batch: int, device, dist: str, sigma_range: tuple[float, float], p_mean: float, p_std: float
+                  ) -> torch.Tensor:
+    """The training noise levels of a batch, from the global generator: "log_uniform" on ``sigma_range`` (sigma_min
+    (sigma_max / sigma_min)^u, u ~ U(0, 1): the VE recipe) or "log_normal" (ln sigma ~ N(p_mean, p_std^2): EDM)."""
+    if dist == "log_uniform":
+        sigma_min, sigma_max = sigma_range
+        return sigma_min * (sigma_max / sigma_min) ** torch.rand(batch, device=device)
+    return (torch.randn(batch, device=device) * p_std + p_mean).exp()

@@ -138,11 +138,13 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def sample_manifest(unet: torch.nn.Module, settings: SamplerSettings) -> dict[str, Any]:
-    """The identity of a sample folder's images: the UNet's weights, image size and channels, and the sampler
-    settings."""
+def sample_manifest(denoiser: torch.nn.Module, settings: SamplerSettings) -> dict[str, Any]:
+    """The identity of a sample folder's images: the denoiser's UNet weights, image size and channels, its
+    preconditioning (``precond``, ``sigma_data``), and the sampler settings."""
+    unet = denoiser.unet
     return {"kve_lightning_samples": 1, "weights_sha256": weights_sha256(unet),
             "image_size": int(unet.config.sample_size), "channels": int(unet.config.in_channels),
+            "precond": denoiser.precond, "sigma_data": denoiser.sigma_data,
             "sampler": dict(sorted(settings.to_dict().items()))}
 
 

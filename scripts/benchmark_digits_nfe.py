@@ -1,6 +1,6 @@
 """FID-digits of a trained digits model versus network evaluations (NFE), for our sampler and diffusers' schedule.
 
-    python scripts/benchmark_digits_nfe.py --ckpt runs/digits/checkpoints/last.ckpt --num-samples 500
+    python scripts/benchmark_digits_nfe.py --ckpt_path runs/digits/checkpoints/last.ckpt --num-samples 500
 
 Rows: ours with the checkpoint's settings (VE schedule, Table 5 VE churn, Heun, D clipped to [-1, 1]); ours without
 the clip (Algorithm 2 as written); and diffusers' KarrasVeScheduler arithmetic
@@ -34,12 +34,12 @@ def diffusers_schedule(num_steps: int) -> tuple[torch.Tensor, float, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt_path", required=True)
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--steps", default="4,8,18,40,256", help="N per run; NFE = 2N - 1")
     p.add_argument("--batch-size", type=int, default=500)
     args = p.parse_args()
-    module = KarrasVeModule.from_checkpoint(args.ckpt)
+    module = KarrasVeModule.from_checkpoint(args.ckpt_path)
     hp = module.hparams
     fid = build_fid(digits_images(hp.image_size, hp.channels))
     seeds = list(range(args.num_samples))

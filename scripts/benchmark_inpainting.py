@@ -11,9 +11,9 @@ mixture, with weights proportional to w_k N(y_o; mu_k,o, s_k^2 I) and bottom hal
 exact conditional draws, next to the sliced W2 between two sets of exact draws (the metric's noise floor).
 NFE = R (2N - 1). Writes a markdown table (``--out-md``) and a plot beside it (matplotlib).
 
-    python scripts/benchmark_inpainting.py --ckpt runs/digits/checkpoints/last.ckpt [--seeds 2] [--out-md F]
+    python scripts/benchmark_inpainting.py --ckpt_path runs/digits/checkpoints/last.ckpt [--seeds 2] [--out-md F]
 
-With ``--ckpt``, a trained digits model on real images instead: the bottom half of every held-out digit (the split
+With ``--ckpt_path``, a trained digits model on real images instead: the bottom half of every held-out digit (the split
 checkpoint's `kve fit` validated on) is masked and completed ``--seeds`` times per (N, R, w); the completions are
 classified by the shipped digits feature network (metrics.py, its ``head``) and the fraction whose class is the
 original digit's is reported, with its standard error over digits, next to: nearest-neighbour completion (the
@@ -77,13 +77,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--observations", type=int, default=8, help="observed top halves, each a draw of the mixture")
     p.add_argument("--n", type=int, default=1000, help="completions (and exact draws) per observation")
     p.add_argument("--out-md", default=None, help="write the table here (and the plot beside it, .png)")
-    p.add_argument("--ckpt", default=None, help="a trained digits checkpoint: the held-out digits measure instead")
-    p.add_argument("--seeds", type=int, default=2, help="with --ckpt: completions per held-out digit")
-    p.add_argument("--config", default=None, help="with --ckpt: sampler settings over the model's (the model: section of `kve "
+    p.add_argument("--ckpt_path", default=None, help="a trained digits checkpoint: the held-out digits measure instead")
+    p.add_argument("--seeds", type=int, default=2, help="with --ckpt_path: completions per held-out digit")
+    p.add_argument("--config", default=None, help="with --ckpt_path: sampler settings over the model's (the model: section of `kve "
                                            "tune`'s output or of a `kve fit` config)")
     args = p.parse_args(argv)
     command = f"`python scripts/benchmark_inpainting.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-    if args.ckpt:
+    if args.ckpt_path:
         return digits(args, command)
     gm = mixture()
     g = torch.Generator().manual_seed(0)
@@ -157,7 +157,7 @@ def sampler_config(path: str) -> dict:
 
 def digits(args: argparse.Namespace, command: str) -> list[dict]:
     """The held-out digits measure (see the module docstring)."""
-    model = load_model(args.ckpt, None, torch.device("cpu"))
+    model = load_model(args.ckpt_path, None, torch.device("cpu"))
     base = model.settings_with(sampler_config(args.config) if args.config else {})
     data = DataSource().data_module(model, held_out=True)  # the checkpoint's own data settings and split
     data.setup("fit")
@@ -201,7 +201,7 @@ def digits(args: argparse.Namespace, command: str) -> list[dict]:
             print(rows[-1], file=sys.stderr)
     lines = [f"Held-out digits ({len(x)}), bottom half masked, {args.seeds} completions each; the fraction classified "
              f"as the original digit by the shipped digits feature network, ± its standard error over digits. "
-             f"Checkpoint `{Path(args.ckpt).name}`, settings {base.to_dict()}; produced by {command}.", "",
+             f"Checkpoint `{Path(args.ckpt_path).name}`, settings {base.to_dict()}; produced by {command}.", "",
              "| method | NFE | correct class |", "|---|---|---|"]
     lines += [f"| {r['method']} | {r['nfe'] or '-'} | {100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f} % |"
               for r in rows]

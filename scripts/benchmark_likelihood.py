@@ -1,6 +1,6 @@
 """Bits/dim of the held-out digits: the trained VE model (probability-flow ODE) next to scikit-learn GaussianMixtures.
 
-    python scripts/benchmark_likelihood.py --ckpt runs/digits/checkpoints/last.ckpt --steps 64 --probes 1
+    python scripts/benchmark_likelihood.py --ckpt_path runs/digits/checkpoints/last.ckpt --steps 64 --probes 1
 
 Same images (the held-out split of the checkpoint's own data settings, as `kve likelihood` takes it), same
 quantization (17 levels in [-1, 1], w = 1/8), same dequantization draws (per-image generators seeded by the image's
@@ -26,14 +26,14 @@ from kve_lightning.sampling import rand_per_row
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a `kve fit` checkpoint of the digits config")
+    p.add_argument("--ckpt_path", required=True, help="a `kve fit` checkpoint of the digits config")
     p.add_argument("--steps", type=int, default=64, help="RK4 steps of the ODE (4 NFE each)")
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image")
     p.add_argument("--components", default="1,5,10,20,40", help="GaussianMixture component counts")
     p.add_argument("--fit-draws", type=int, default=4, help="dequantized copies of each training image to fit on")
     args = p.parse_args()
 
-    model = load_model(args.ckpt, None, torch.device("cpu"))  # its EMA denoiser, frozen, and its trained noise range
+    model = load_model(args.ckpt_path, None, torch.device("cpu"))  # its EMA denoiser, frozen, and its trained noise range
     data = DataSource().data_module(model, held_out=True)  # the checkpoint's own data settings and split
     data.setup("fit")
     levels, w = data.levels, 2 / (data.levels - 1)

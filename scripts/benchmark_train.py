@@ -58,7 +58,6 @@ def build(config: Path, batch_size: int | None = None, **model_options):
 def run_plain(config: Path, steps: int, warmup: int, batch_size: int | None, variant: str) -> float:
     from torch.optim.swa_utils import AveragedModel
 
-    from kve_lightning.denoiser import ve_loss
     from kve_lightning.lit.ema import ema_update
 
     module, data = build(config, batch_size)
@@ -74,7 +73,7 @@ def run_plain(config: Path, steps: int, warmup: int, batch_size: int | None, var
         for y in data.train_dataloader():
             if step == warmup:
                 start = time.perf_counter()
-            loss = ve_loss(module.denoiser, y, *module.train_sigmas)[0].mean()
+            loss = module.training_loss(y)[0].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -175,7 +175,7 @@ def test_benchmark_script_prints_its_table(trained_run, monkeypatch, capsys):
     import runpy
 
     _, ckpt = trained_run
-    monkeypatch.setattr("sys.argv", ["benchmark_likelihood.py", "--ckpt", str(ckpt), "--steps", "1",
+    monkeypatch.setattr("sys.argv", ["benchmark_likelihood.py", "--ckpt_path", str(ckpt), "--steps", "1",
                                      "--components", "2", "--fit-draws", "1"])
     runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "benchmark_likelihood.py"), run_name="__main__")
     out = capsys.readouterr().out

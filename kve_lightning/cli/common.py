@@ -251,7 +251,7 @@ def load_model(ckpt_path: str | None, pipeline: str | None, device: torch.device
                      module.denoiser.requires_grad_(False), module.train_sigmas, str(ckpt_path), datamodule)
     pipe = load_pipeline(pipeline, device)
     return Model(lambda seeds, s: pipe(seeds=seeds, output_type="pt", **s.to_dict()).images, pipe.scheduler.settings,
-                 VEDenoiser(pipe.unet).requires_grad_(False), pipe.scheduler.trained, str(pipeline), {})
+                 pipe.scheduler.denoiser(pipe.unet).requires_grad_(False), pipe.scheduler.trained, str(pipeline), {})
 
 
 def load_pipeline(folder: str | Path, device: torch.device):

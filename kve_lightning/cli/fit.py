@@ -15,7 +15,8 @@ top of LightningCLI's:
   split that would hold out images the model was trained on (its own split is the default). ``kve test`` needs a
   checkpoint, and ``kve fit`` refuses to resume one that holds weights only.
 - **``sigma_max: auto``** (``--model.sigma_max auto``) becomes a number before the model is built: the training
-  split's largest pairwise distance (Song & Ermon 2020, technique 1), or with ``--ckpt_path`` the checkpoint's own.
+  split's largest pairwise distance (Song & Ermon 2020, technique 1), or with ``--ckpt_path`` the checkpoint's own;
+  so does ``sigma_data: auto``: the training split's pixel standard deviation (EDM's sigma_data).
   Hyper-parameters, checkpoints, the saved config and exports hold that number.
 """
 
@@ -33,7 +34,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from kve_lightning.cli.common import PARSER_MODE, ConfigFile
-from kve_lightning.denoiser import unet_config
+from kve_lightning.denoiser import SIGMA_DATA, unet_config
 from kve_lightning.interop.checkpoint import read_checkpoint
 from kve_lightning.lit.callbacks import FID, BitsPerDim, InpaintingGrid, SampleGrid
 from kve_lightning.lit.data import MAX_DISTANCE_IMAGES, SPLIT, ImageDataModule, split_conflicts
@@ -88,7 +89,7 @@ class KveCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """Parse; with ``--ckpt_path``, read the checkpoint (weights-only, ``read_checkpoint``), make its
         hyper-parameters the parser's defaults and parse again, so the config and flags override them. Then
-        ``sigma_max: auto`` becomes a number (``resolve_sigma_max``)."""
+        ``sigma_max: auto`` and ``sigma_data: auto`` become numbers (``resolve_auto``)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
@@ -117,7 +118,7 @@ class KveCLI(LightningCLI):
             if subcommand != "predict":
                 check_split(config.data, split, path)
             config.ckpt_path, config.weights_only = str(path), True
-        resolve_sigma_max(config, hparams)
+        resolve_auto(config, hparams)
 
     def before_instantiate_classes(self) -> None:
         """``kve predict`` writes its sample folder only (its manifest.json records the settings): no config.yaml,
@@ -191,20 +192,28 @@ def resolve_ckpt_path(config) -> Path:
     return Path(ckpt_path)
 
 
-def resolve_sigma_max(config, hparams: dict[str, Any] | None) -> None:
-    """Replace ``model.sigma_max: auto`` with a number, printed once: the checkpoint's (``hparams``; the network was
-    trained on [sigma_min, sigma_max]), else ``ImageDataModule.max_pairwise_distance()`` of the configured data."""
-    if config.model.sigma_max != "auto":
-        return
-    if hparams is not None:
-        config.model.sigma_max, source = hparams["sigma_max"], "the checkpoint's"
-    else:
-        data = ImageDataModule(**config.data.as_dict())
-        config.model.sigma_max = data.max_pairwise_distance()
-        n = len(data.train_set)
-        subsample = f" (a seeded subsample of {MAX_DISTANCE_IMAGES:,})" if n > MAX_DISTANCE_IMAGES else ""
-        source = f"the largest pairwise distance of the {n:,} training images{subsample}, in [-1, 1] units"
-    rank_zero_only(print)(f"kve: sigma_max auto = {config.model.sigma_max:.6g}: {source}", file=sys.stderr)
+def resolve_auto(config, hparams: dict[str, Any] | None) -> None:
+    """Replace ``model.sigma_max: auto`` and ``model.sigma_data: auto`` with numbers, each printed once: the
+    checkpoint's (``hparams``), else the configured data's ``ImageDataModule.max_pairwise_distance()`` and
+    ``ImageDataModule.data_std()``."""
+    data = None
+    for name in ("sigma_max", "sigma_data"):
+        if config.model.get(name) != "auto":
+            continue
+        if hparams is not None:
+            config.model[name], source = hparams.get(name, SIGMA_DATA), "the checkpoint's"
+        else:
+            data = data or ImageDataModule(**config.data.as_dict())
+            if name == "sigma_max":
+                config.model[name] = data.max_pairwise_distance()
+                n = len(data.train_set)
+                subsample = f" (a seeded subsample of {MAX_DISTANCE_IMAGES:,})" if n > MAX_DISTANCE_IMAGES else ""
+                source = f"the largest pairwise distance of the {n:,} training images{subsample}, in [-1, 1] units"
+            else:
+                config.model[name] = data.data_std()
+                source = f"the pixel standard deviation of the {len(data.train_set):,} training images, in [-1, 1] " \
+                         f"units"
+        rank_zero_only(print)(f"kve: {name} auto = {config.model[name]:.6g}: {source}", file=sys.stderr)
 
 
 def set_checkpoint_defaults(parser, hparams: dict[str, Any], split: dict[str, Any], path: Path) -> None:

@@ -71,7 +71,7 @@ def run(mask: str, out: str, ckpt_path: str | None = None, pipeline: str | None 
     if len(originals) * len(seed_list) > MAX_SEEDS:
         raise ValueError(f"{len(originals)} images x {len(seed_list)} seeds is more than {MAX_SEEDS:,} completions: "
                          f"split them over several runs")
-    manifest = sample_manifest(trained.denoiser.unet, settings) | {"inpainting": {
+    manifest = sample_manifest(trained.denoiser, settings) | {"inpainting": {
         "resample": resample, "guidance": guidance, "mask": mask,
         "mask_sha256": hashlib.sha256(known.cpu().numpy().tobytes()).hexdigest(),
         "images_sha256": hashlib.sha256(originals.numpy().tobytes()).hexdigest(), "images": len(originals)}}

@@ -47,7 +47,7 @@ def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, see
     trained = load_model(ckpt_path, pipeline, parse_device(device))
     check_outputs({"--out": out}, {"--ckpt_path": ckpt_path, "--pipeline": pipeline})
     settings = trained.settings_with(model or {})
-    manifest = sample_manifest(trained.denoiser.unet, settings)
+    manifest = sample_manifest(trained.denoiser, settings)
     folder = prepare_output_dir(out)
     if grid and (folder / "grid.png").is_dir():
         raise IsADirectoryError(f"{str(folder / 'grid.png')!r} is a directory: cannot write the grid there")

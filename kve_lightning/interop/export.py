@@ -24,7 +24,8 @@ def module_pipeline(module: KarrasVeModule, **overrides: Any) -> KarrasVeLightni
     settings = module.sampler.replace(**overrides)
     settings.check_trained_range(*module.train_sigmas)
     scheduler = KarrasVeLightningScheduler(**settings.to_dict(), train_sigma_min=module.train_sigmas[0],
-                                           train_sigma_max=module.train_sigmas[1])
+                                           train_sigma_max=module.train_sigmas[1], precond=module.denoiser.precond,
+                                           sigma_data=module.denoiser.sigma_data)
     return KarrasVeLightningPipeline(unet=module.denoiser.unet, scheduler=scheduler)
 
 

@@ -1,8 +1,9 @@
 """A diffusers pipeline around our paper-exact sampler: diffusers' ``KarrasVePipeline`` call, EDM Algorithm 2 inside.
 
 ``KarrasVeLightningPipeline(unet, scheduler)`` takes the call of diffusers' ``KarrasVePipeline`` and runs
-``sample_karras_ve`` over ``VEDenoiser(unet)``; ``KarrasVeLightningScheduler`` only holds the sampler's settings, so
-``save_pretrained`` / ``from_pretrained`` carry them in ``scheduler/scheduler_config.json``.
+``sample_karras_ve`` over the scheduler's ``VEDenoiser`` of ``unet``; ``KarrasVeLightningScheduler`` only holds the
+sampler's settings and the UNet's preconditioning, so ``save_pretrained`` / ``from_pretrained`` carry them in
+``scheduler/scheduler_config.json``.
 
 diffusers records a component class from outside its own libraries under its module path
 (``["kve_lightning.interop.pipeline", "KarrasVeLightningScheduler"]`` in ``model_index.json``), resolves that path from
@@ -25,7 +26,7 @@ from diffusers.configuration_utils import ConfigMixin
 from safetensors import safe_open
 
 from kve_lightning.interop.checkpoint import check_finite
-from kve_lightning.denoiser import VEDenoiser
+from kve_lightning.denoiser import PRECONDS, SIGMA_DATA, VEDenoiser
 from kve_lightning.storage import to_unit
 from kve_lightning.sampling import SamplerSettings, sample_karras_ve
 
@@ -38,12 +39,21 @@ class KarrasVeLightningScheduler(SchedulerMixin, ConfigMixin):
     before they were stored was trained on its sampler's); a bad setting fails on load, not on use. ``num_steps`` is
     the default of a pipeline call's ``num_inference_steps``. No ``step()``: the pipeline runs the whole sampler."""
 
-    def __init__(self, train_sigma_min: float | None = None, train_sigma_max: float | None = None, **settings: Any):
+    def __init__(self, train_sigma_min: float | None = None, train_sigma_max: float | None = None,
+                 precond: str = "ve", sigma_data: float = SIGMA_DATA, **settings: Any):
         self.settings = SamplerSettings(**settings)
         self.trained = (self.settings.sigma_min if train_sigma_min is None else float(train_sigma_min),
                         self.settings.sigma_max if train_sigma_max is None else float(train_sigma_max))
+        if precond not in PRECONDS or not 0 < sigma_data < float("inf"):
+            raise ValueError(f"need precond in {PRECONDS} and sigma_data > 0, got precond={precond!r}, "
+                             f"sigma_data={sigma_data!r}")
+        self.precond, self.sigma_data = precond, float(sigma_data)
         self.register_to_config(**self.settings.to_dict(), train_sigma_min=self.trained[0],
-                                train_sigma_max=self.trained[1])
+                                train_sigma_max=self.trained[1], precond=precond, sigma_data=self.sigma_data)
+
+    def denoiser(self, unet: UNet2DModel) -> VEDenoiser:
+        """D(x; sigma) of ``unet`` with the preconditioning it was trained with."""
+        return VEDenoiser(unet, self.precond, self.sigma_data)
 
 
 # diffusers reads a config's keys off the __init__ signature: give it the training range and the settings' fields
@@ -51,6 +61,8 @@ KarrasVeLightningScheduler.__init__.__signature__ = inspect.Signature(
     [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
        for name in ("train_sigma_min", "train_sigma_max")]
+    + [inspect.Parameter("precond", inspect.Parameter.KEYWORD_ONLY, default="ve"),
+       inspect.Parameter("sigma_data", inspect.Parameter.KEYWORD_ONLY, default=SIGMA_DATA)]
     + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields(SamplerSettings)])
 
 
@@ -125,7 +137,7 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
         height, width = (size, size) if isinstance(size, int) else size
         shape = (batch_size, self.unet.config.in_channels, height, width)
         with self.progress_bar(total=settings.num_steps) as bar:
-            x = sample_karras_ve(VEDenoiser(self.unet), shape, settings=settings, generator=generator,
+            x = sample_karras_ve(self.scheduler.denoiser(self.unet), shape, settings=settings, generator=generator,
                                  device=self.device, dtype=self.unet.dtype, callback=lambda *_: bar.update())
         images = _to_output(to_unit(x), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -343,6 +343,20 @@ class ImageDataModule(L.LightningDataModule):
                              f"distance {distance}): give --model.sigma_max a number")
         return distance
 
+    def data_std(self) -> float:
+        """The standard deviation of the training split's pixels in [-1, 1] units (the images as the model sees them,
+        without random flips): sigma_data of EDM's preconditioning (``sigma_data: auto`` in ``kve``). A
+        ``ValueError`` for a split of constant pixels."""
+        self.prepare_data()
+        self.setup("fit")
+        train = self.train_set.dataset if isinstance(self.train_set, FlipDataset) else self.train_set
+        pixels = torch.cat([batch.double().flatten() for batch in DataLoader(train, batch_size=512)])
+        std = pixels.std().item()
+        if not std > 0:
+            raise ValueError("sigma_data auto: the training images are one constant value: give --model.sigma_data a "
+                             "number")
+        return std
+
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         """A loader with its own generator (for worker seeds): creating its iterators leaves the global one alone."""
         hp = self.hparams

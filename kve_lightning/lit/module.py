@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import lightning as L
 import torch
@@ -14,7 +14,8 @@ from diffusers import UNet2DModel
 from lightning.pytorch.utilities import rank_zero_warn
 
 from kve_lightning.interop.checkpoint import read_checkpoint
-from kve_lightning.denoiser import VEDenoiser, dsm_loss, unet_config, ve_loss
+from kve_lightning.denoiser import (SIGMA_DATA, LossWeight, Precond, SigmaDist, VEDenoiser, dsm_loss, sample_sigmas,
+                                    unet_config)
 from kve_lightning.lit.ema import EMA, PostHocEMA
 from kve_lightning.storage import to_unit
 from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
@@ -66,6 +67,15 @@ class KarrasVeModule(L.LightningModule):
         compile: ``torch.compile`` the UNet in place (state-dict keys unchanged: checkpoints load uncompiled).
         likelihood_steps: RK4 steps of the probability-flow ODE for bits/dim (``kve test``, ``val/bpd``; 4 NFE each).
         likelihood_probes: Hutchinson probes per image for bits/dim.
+        precond: the denoiser's preconditioning (EDM Table 1): "ve" (D = x + sigma F, the VE recipe) or "edm"
+            (c_skip, c_out, c_in from ``sigma_data``; ``VEDenoiser``).
+        sigma_data: the data's standard deviation in [-1, 1] units, for "edm" preconditioning and loss weight;
+            "auto" in the ``kve`` CLI: the training split's (``ImageDataModule.data_std``).
+        sigma_dist: the training noise levels: "log_uniform" on [train_sigma_min, train_sigma_max] (the VE recipe)
+            or "log_normal", ln sigma ~ N(p_mean, p_std^2) (EDM).
+        p_mean: the mean of ln sigma for "log_normal" (EDM: -1.2).
+        p_std: the standard deviation of ln sigma for "log_normal" (EDM: 1.2).
+        loss_weight: lambda(sigma): "ve" 1 / sigma^2 or "edm" (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
         train_sigma_min: the bottom of the training noise range (default: ``sigma_min``); the model's own once trained,
             stored in its checkpoint, and a sampler reaching below it is refused (``SamplerSettings.extrapolate``).
         train_sigma_max: the top of the training noise range (default: ``sigma_max``), likewise.
@@ -98,13 +108,27 @@ class KarrasVeModule(L.LightningModule):
         likelihood_probes: int = 1,
         train_sigma_min: float | None = None,
         train_sigma_max: float | None = None,
+        precond: Precond = "ve",
+        sigma_data: float | Literal["auto"] = SIGMA_DATA,
+        sigma_dist: SigmaDist = "log_uniform",
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        loss_weight: LossWeight = "ve",
         **sampler: Any,
     ):
         super().__init__()
         self.save_hyperparameters()
-        if sigma_max == "auto":
-            raise ValueError("sigma_max='auto' is resolved from the data by the kve CLI; in Python pass the number "
-                             "ImageDataModule.max_pairwise_distance() returns")
+        for name, value, method in (("sigma_max", sigma_max, "max_pairwise_distance"),
+                                    ("sigma_data", sigma_data, "data_std")):
+            if value == "auto":
+                raise ValueError(f"{name}='auto' is resolved from the data by the kve CLI; in Python pass the number "
+                                 f"ImageDataModule.{method}() returns")
+        for name, value, allowed in (("sigma_dist", sigma_dist, get_args(SigmaDist)),
+                                     ("loss_weight", loss_weight, get_args(LossWeight))):
+            if value not in allowed:
+                raise ValueError(f"unknown {name}={value!r}; expected one of {allowed}")
+        if not p_std > 0 or not abs(p_mean) < 100:
+            raise ValueError(f"need p_std > 0 and a finite p_mean, got p_mean={p_mean}, p_std={p_std}")
         self.sampler = SamplerSettings(sigma_max=sigma_max, clamp_denoised=clamp_denoised, micro_batch=micro_batch,
                                        **sampler)
         self.train_sigmas = (self.sampler.sigma_min if train_sigma_min is None else float(train_sigma_min),
@@ -128,7 +152,7 @@ class KarrasVeModule(L.LightningModule):
             raise ValueError(f"phema_every_n_steps must be >= 1, got phema_every_n_steps={phema_every_n_steps}")
         if phema_stds:
             PostHocEMA(phema_stds, phema_every_n_steps)  # checks the settings now, not when fitting starts
-        self.denoiser = VEDenoiser(UNet2DModel(**unet_config(image_size, channels, unet)))
+        self.denoiser = VEDenoiser(UNet2DModel(**unet_config(image_size, channels, unet)), precond, sigma_data)
         self._test_bpd: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.skipped_steps = 0
         self.consecutive_bad_steps = 0
@@ -166,9 +190,16 @@ class KarrasVeModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
 
+    def training_loss(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-sample losses [B] of a batch and their sigmas [B]: ``dsm_loss`` with the objective's weight at
+        sigmas of ``sigma_dist`` and noise eps ~ N(0, I), both from the global generator."""
+        hp = self.hparams
+        sigma = sample_sigmas(y.shape[0], y.device, hp.sigma_dist, self.train_sigmas, hp.p_mean, hp.p_std)
+        return dsm_loss(self.denoiser, y, sigma, torch.randn_like(y), hp.loss_weight, hp.sigma_data), sigma
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         y = self._memory_format(batch)
-        losses, sigma = ve_loss(self.denoiser, y, *self.train_sigmas)
+        losses, sigma = self.training_loss(y)
         self._last_sigmas = (sigma.detach(), losses.detach())
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
@@ -217,7 +248,8 @@ class KarrasVeModule(L.LightningModule):
         self.consecutive_bad_steps = resume["consecutive_bad_steps"]
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        """The DSM loss at fixed sigmas with fixed noise: comparable across epochs and runs."""
+        """The DSM loss with the VE weight 1 / sigma^2 at fixed sigmas with fixed noise, whatever the training
+        objective: comparable across epochs, runs and objectives."""
         y = self._memory_format(batch)
         g = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
         eps = torch.randn(y.shape, generator=g).to(y)

@@ -43,7 +43,7 @@ class PNGWriter(BasePredictionWriter):
         """Check the folder on every rank, then rank 0 writes the manifest and clears stale temporary files, then
         (after a barrier: no rank writes before) each rank marks the seeds already done. The checkpoint's weights
         are loaded by now."""
-        manifest = sample_manifest(pl_module.denoiser.unet, pl_module.sampler)
+        manifest = sample_manifest(pl_module.denoiser, pl_module.sampler)
         check_sample_folder(self.output_dir, manifest)
         if trainer.is_global_zero:
             open_sample_folder(self.output_dir, manifest)

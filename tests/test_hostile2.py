@@ -309,3 +309,18 @@ def test_15_a_dead_writers_temporary_file_is_cleaned(phema_run, tmp_path):
     cli_main(["phema", f"--snapshots={run}", f"--ckpt_path={ckpt}", "--std=0.07", f"--out={tmp_path / 'o.ckpt'}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.ckpt"]
     assert folder_state(tmp_path)[tmp_path / "o.ckpt"] != b"half a checkpoint"
+
+
+def test_7_a_checkpoint_that_tracked_no_post_hoc_ema_is_not_the_run_of_snapshots(phema_run, trained_run, tmp_path,
+                                                                                  capsys):
+    run, _ = phema_run
+    _, other = trained_run  # the same architecture, trained without post-hoc EMA
+    assert_refused(lambda: cli_main(["phema", f"--snapshots={run}", f"--ckpt_path={other}", "--std=0.07",
+                                     f"--out={tmp_path / 'o.ckpt'}"]), capsys, "tracked no post-hoc EMA",
+                   folder=tmp_path)
+
+
+@pytest.mark.parametrize("command", ["sample", "likelihood", "tune"])
+def test_1_a_url_is_no_checkpoint_in_any_subcommand(tmp_path, capsys, command):
+    assert_refused(lambda: cli_main([command, "--ckpt_path=https://example.com/x.ckpt", f"--out={tmp_path / 'o'}"]),
+                   capsys, "'https://example.com/x.ckpt'", "local files only", folder=tmp_path)

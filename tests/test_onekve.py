@@ -79,6 +79,13 @@ def test_kve_sample_takes_kve_tune_output_and_kve_fit_configs(trained_run, tmp_p
                                                                            fit["s_noise"])
     assert sampler["sigma_max"] == KarrasVeModule.from_checkpoint(ckpt).sampler.sigma_max
     assert sorted(p.name for p in (tmp_path / "fit").iterdir()) == ["000000.png", "grid.png", "manifest.json"]
+    # a VE model's manifest is that of earlier versions: their folders resume (extrapolate changes no image)
+    manifest = json.loads((tmp_path / "fit" / "manifest.json").read_text())
+    assert "precond" not in manifest and "extrapolate" not in manifest["sampler"]
+    # the other subcommands read the same config without kve predict's seeds and out
+    cli_main(["export", f"--ckpt_path={ckpt}", CONFIG, f"--out={tmp_path / 'export'}"])
+    assert json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())["s_noise"] == \
+        fit["s_noise"]
 
 
 @pytest.mark.parametrize("text, needle", [

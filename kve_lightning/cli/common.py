@@ -30,6 +30,8 @@ PARSER_MODE = "kve"  # jsonargparse's YAML, refusing duplicate keys
 # the sections of a `kve fit` config that the other subcommands do not take: they read its sampler settings only
 FIT_SECTIONS = frozenset({"seed_everything", "trainer", "data", "optimizer", "lr_scheduler", "writer", "sample_grid",
                           "inpaint_grid", "fid", "bpd"})
+# `kve predict`'s keys in a `kve fit` config: `kve sample`'s too, meaning the same; the others' own differ
+PREDICT_KEYS = frozenset({"seeds", "out", "grid", "skip_existing"})
 
 
 class ConfigError(yaml.YAMLError):
@@ -127,6 +129,10 @@ class DataSource:
         given = {k: v for k, v in vars(self).items() if v is not None}
         stored = {k: model.datamodule[k] for k in vars(self) if k in model.datamodule}
         other = split_conflicts(given, stored) if held_out else []
+        if held_out and not model.datamodule:
+            print(f"kve: warning: {model.source!r} records no data split (an export): the held-out images are "
+                  f"those of --data.* ({given or 'the defaults'}), which may include images it was trained on",
+                  file=sys.stderr)
         if other:
             raise ValueError(f"{', '.join(other)}: the held-out images of another split include images "
                              f"{model.source!r} was trained on; leave them out to take the checkpoint's")
@@ -135,9 +141,9 @@ class DataSource:
 
 def sampler_section(config: dict[str, Any], accepted: set[str]) -> dict[str, Any]:
     """A config file as a command that samples reads it: a `kve fit` config (or `kve tune`'s output) keeps its
-    ``model:`` sampler settings, its ``data:`` source (``DataSource``) and the keys the command shares with `kve fit`
-    (``ckpt_path``, ``seeds``, ``out``); its other sections and training settings are dropped. Anything else stays,
-    for the parser to refuse."""
+    ``model:`` sampler settings, its ``data:`` source (``DataSource``, where the command takes one) and
+    ``ckpt_path``; ``kve predict``'s keys (``PREDICT_KEYS``) only ``kve sample`` takes from a `kve fit` config, whose
+    other sections and training settings are dropped. Anything else stays, for the parser to refuse."""
     from kve_lightning.lit.module import KarrasVeModule
 
     training = set(inspect.signature(KarrasVeModule).parameters) - {f.name for f in fields(SamplerSettings)}
@@ -145,7 +151,9 @@ def sampler_section(config: dict[str, Any], accepted: set[str]) -> dict[str, Any
     for section in sections:
         if config.get(section) is not None and not isinstance(config[section], dict):
             raise ConfigError(f"{section}: must be a mapping of settings, got {bounded_repr(config[section])}")
-    config = {k: v for k, v in config.items() if k in accepted or k not in FIT_SECTIONS}
+    fit_config = any(k in config for k in FIT_SECTIONS - {"data"})
+    fit_only = FIT_SECTIONS | (PREDICT_KEYS if fit_config and not PREDICT_KEYS <= accepted else frozenset())
+    config = {k: v for k, v in config.items() if k in sections and k in accepted or k not in fit_only}
     for section, keep in sections.items():
         if isinstance(config.get(section), dict):
             config[section] = {k: v for k, v in config[section].items() if keep(k)}
@@ -244,6 +252,9 @@ def load_model(ckpt_path: str | None, pipeline: str | None, device: torch.device
     if (ckpt_path is None) == (pipeline is None):
         raise ValueError("give exactly one of --ckpt_path (a checkpoint of `kve fit`) and --pipeline (a folder of "
                          "`kve export`)")
+    if "://" in str(ckpt_path or pipeline):
+        raise ValueError(f"{bounded_repr(str(ckpt_path or pipeline))}: kve reads local files only (a checkpoint is a "
+                         f"pickle: download it, check its origin, then pass its path)")
     if ckpt_path is not None:
         module = KarrasVeModule.from_checkpoint(ckpt_path).to(device)
         datamodule = dict(read_checkpoint(ckpt_path).get("datamodule_hyper_parameters") or {})

@@ -80,9 +80,9 @@ def run(snapshots: str, ckpt_path: str | None = None, std: str | None = None, ou
                              f"{max_error:g}: these snapshots cannot reconstruct it (see --list true; snapshot "
                              f"more often)")
     module = KarrasVeModule.from_checkpoint(ckpt_path)
-    check_same_run(found, ckpt_path)
     for snapshot in found:
         check_snapshot_tensors(snapshot, module, ckpt_path)
+    check_same_run(found, ckpt_path)
     outputs = [(phema_path(out, s, len(stds)), phema_path(export, s, len(stds))) for s in stds]
     # the run's own files are never an output: its snapshots, checkpoints and logs
     run_folder = folder.parent
@@ -133,7 +133,10 @@ def check_same_run(snapshots: list[Snapshot], ckpt: str) -> None:
     states = read_checkpoint(ckpt).get("callbacks", {}).values()
     runs = {s["run"] for s in states if isinstance(s, dict) and "averages" in s and s.get("run")}
     theirs = {s.run for s in snapshots if s.run}
-    if theirs and runs and not theirs <= runs:
+    if theirs and not runs:
+        raise ValueError(f"checkpoint {ckpt!r} tracked no post-hoc EMA, so it is not the run of these snapshots (run "
+                         f"{sorted(theirs)}): give the checkpoint of the run that wrote them")
+    if theirs and not theirs <= runs:
         raise ValueError(f"the snapshots are of run {sorted(theirs)}, checkpoint {ckpt!r} of run {sorted(runs)}: give "
                          f"the checkpoint of the run that wrote them")
 

@@ -1,4 +1,4 @@
-"""FID-digits (torchmetrics FID on the shipped digits feature network) and the InceptionV3 error path."""
+"""FID-digits (torchmetrics FID on the shipped digits feature network), the InceptionV3 error path, and FD-pixels."""
 
 import sys
 import types
@@ -19,6 +19,10 @@ from kve_lightning.metrics import (
     fid_from_images,
     InceptionFeatures,
     inception_features,
+    PixelFD,
+    PixelPCA,
+    chunked_frechet,
+    feature_moments,
 )
 
 
@@ -118,3 +122,61 @@ def test_inception_features_get_uint8_rgb():
     assert out.shape == (1, 2048)
     assert seen[0].dtype == torch.uint8 and seen[0].shape == (1, 3, 1, 3)
     assert seen[0][0, :, 0].tolist() == [[0, 128, 255]] * 3
+
+
+def test_pixel_pca_gives_the_principal_components():
+    """The reference's features are centred and uncorrelated, with variances the top eigenvalues of the pixel
+    covariance (float64 throughout: agreement to rounding)."""
+    x, _ = digits_with_labels()
+    pca = PixelPCA(x, components=16)
+    mu, cov = feature_moments(pca(x))
+    eigenvalues = torch.linalg.eigvalsh(feature_moments(x.flatten(1))[1]).flip(0)[:16]
+    torch.testing.assert_close(mu, torch.zeros(16, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(cov, torch.diag(eigenvalues), atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="components=65"):
+        PixelPCA(x, components=65)
+
+
+def test_chunked_frechet_is_the_mean_of_closed_form_distances():
+    """Against ||mu1 - mu2||^2 + tr(C1 + C2 - 2 sqrtm(C1 C2)) with scipy's sqrtm, set by set (a remainder of rows
+    left out); resampling every row once gives the same value."""
+    from scipy.linalg import sqrtm
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(500, 3, generator=g, dtype=torch.float64)
+    fake = torch.randn(250, 3, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    mu, cov = feature_moments(real)
+    sqrt_cov = torch.from_numpy(sqrtm(cov.numpy()).real)
+    expected = []
+    for rows in (slice(0, 120), slice(120, 240)):
+        m, c = feature_moments(fake[rows])
+        trace_sqrt = sqrtm(cov.numpy() @ c.numpy()).real.trace()
+        expected.append(((mu - m).square().sum() + cov.trace() + c.trace() - 2 * trace_sqrt).item())
+    assert chunked_frechet(mu, sqrt_cov, fake, 120).item() == pytest.approx(sum(expected) / 2, rel=1e-9)
+    ones = torch.ones(2, 250, dtype=torch.float64)
+    torch.testing.assert_close(chunked_frechet(mu, sqrt_cov, fake, 120, ones),
+                               torch.full((2,), sum(expected) / 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="at least 300 samples, got 250"):
+        chunked_frechet(mu, sqrt_cov, fake, 300)
+
+
+def test_fd_pixels_is_near_one_for_other_real_digits_and_far_above_for_degraded_ones():
+    """FD-pixels of 1,200 digits (halves of 600 and 600), judging the other 597 in one set. Over 30 random draws of
+    the 1,200 the unseen 597 scored 0.54 to 1.58 (median 0.89; the floor is one noisy draw too), blurred digits 22
+    to 56, and digits pulled 20 % towards the mean (a less varied model) 3.0 to 5.5 times the unseen ones: bands
+    that do not overlap. The other half scores 1 by definition."""
+    x, _ = digits_with_labels()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    real, unseen = x[perm[:1200]], x[perm[1200:]]
+    fd = PixelFD(real, set_size=597)
+    other_half = real[torch.randperm(1200, generator=torch.Generator().manual_seed(0))[600:]]
+    assert fd(other_half) == pytest.approx(1.0) and fd.set_size == 597
+    assert 0.4 < fd(unseen) < 2.0
+    assert fd(F.avg_pool2d(unseen, 3, stride=1, padding=1, count_include_pad=False)) > 10
+    mean = real.mean(0)
+    assert fd(mean + 0.8 * (unseen - mean)) > 2 * fd(unseen)
+    assert PixelFD(real).set_size == 600  # default: the other half
+    with pytest.raises(ValueError, match="at least 2 images, got set_size=1"):
+        PixelFD(real, set_size=1)
+    with pytest.raises(ValueError, match="at least 4 real images, got 3"):
+        PixelFD(real[:3])

@@ -128,6 +128,7 @@ def test_fid_logged_in_validation(tmp_path):
                         enable_model_summary=False, default_root_dir=tmp_path,
                         callbacks=[FID(every_n_epochs=1, num_samples=16)])
     trainer.fit(module, ImageDataModule(batch_size=8))
-    fid = trainer.callback_metrics["val/fid"]
+    fid, pixels = trainer.callback_metrics["val/fid"], trainer.callback_metrics["val/fd_pixels"]
     assert torch.isfinite(fid) and fid > 0
+    assert torch.isfinite(pixels) and pixels > 1  # two steps of training: far from the held-out digits' 1.0
     assert not any("fid" in k or "inception" in k for k in module.state_dict())

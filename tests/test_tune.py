@@ -62,8 +62,8 @@ def test_finds_a_known_optimum():
         return torch.tensor([math.log10(s.s_max / 5), math.log10(s.s_min / 0.2), min(s.s_churn, cap) / cap - 0.3,
                              (s.s_noise - 1) / 0.02], dtype=torch.float64)
 
-    arms = tune(lambda s: z + v(s), scorer, baseline, SEARCHED, budget_s=1e9)
-    best = min(arms, key=lambda a: a.fid)
+    arms, best = tune(lambda s: (z + v(s), z), (scorer, scorer), baseline, SEARCHED, budget_s=1e9)
+    assert best is min(arms, key=lambda a: a.fid)  # FD-pixels the same in every arm: it vetoes nothing
     s = best.settings
     assert abs(math.log10(s.s_max / 5)) <= 0.125 + 1e-3 and abs(math.log10(s.s_min / 0.2)) <= 0.125 + 1e-3
     assert abs(s.s_churn - 0.3 * cap) <= cap / 16 + 1e-3 and abs(s.s_noise - 1) <= 0.0025 + 1e-9
@@ -71,14 +71,39 @@ def test_finds_a_known_optimum():
     assert arms[0].settings == baseline and best.fid < arms[0].fid / 50
 
 
+def test_a_move_that_worsens_fd_pixels_beyond_its_noise_is_refused():
+    """The FID of ``test_finds_a_known_optimum`` wants S_noise = 1; FD-pixels' features are Z shifted by
+    200 (1.007 - S_noise) along one axis, so every S_noise move of the finest step (0.005) adds 1 to FD-pixels
+    while the paired resamples move it by 2 * 1 * (the resampled mean's deviation, sd 1 / sqrt(200) = 0.07): far
+    beyond the noise. The search must keep Table 5's S_noise and still find the other three settings."""
+    scorer, z = scorer_and_noise()
+    baseline = SamplerSettings(num_steps=100)
+    cap = 100 * GAMMA_MAX
+
+    def evaluate(s: SamplerSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        v = torch.tensor([math.log10(s.s_max / 5), math.log10(s.s_min / 0.2), min(s.s_churn, cap) / cap - 0.3,
+                          (s.s_noise - 1) / 0.02], dtype=torch.float64)
+        return z + v, z + torch.tensor([200 * (1.007 - s.s_noise), 0, 0, 0], dtype=torch.float64)
+
+    arms, best = tune(evaluate, (scorer, scorer), baseline, SEARCHED, budget_s=1e9)
+    s = best.settings
+    assert s.s_noise == baseline.s_noise and best.pixels == arms[0].pixels == 0
+    assert abs(math.log10(s.s_max / 5)) <= 0.125 + 1e-3 and abs(math.log10(s.s_min / 0.2)) <= 0.125 + 1e-3
+    assert abs(s.s_churn - 0.3 * cap) <= cap / 16 + 1e-3
+    lowest = min(arms, key=lambda a: a.fid)
+    assert lowest.fid < best.fid and lowest.settings.s_noise < baseline.s_noise  # tried, lower FID, refused
+
+
 def test_identical_arms_have_a_zero_interval():
     """Paired: the same resampled seeds for both arms, so an arm that samples what the baseline samples differs by
     exactly 0 in every resample."""
     scorer, z = scorer_and_noise()
-    arms = tune(lambda s: z + 0.1, scorer, SamplerSettings(num_steps=18), SEARCHED, budget_s=1e9)
+    arms, _ = tune(lambda s: (z + 0.1, z + 0.2), (scorer, scorer), SamplerSettings(num_steps=18), SEARCHED,
+                   budget_s=1e9)
     paired_intervals(arms)
     assert len(arms) > 5
     assert all(a.diff == 0 and a.interval == (0.0, 0.0) for a in arms)
+    assert all(a.pixels_diff == 0 and a.pixels_interval == (0.0, 0.0) for a in arms)
     assert arms[0].resampled.std() > 0  # the resamples do differ from each other
 
 
@@ -89,9 +114,10 @@ def test_budget_and_interrupt():
 
     def evaluate(s):
         now[0] += 60
-        return z + s.s_max
+        return z + s.s_max, z
 
-    arms = tune(evaluate, scorer, SamplerSettings(num_steps=18), SEARCHED, budget_s=300, clock=lambda: now[0])
+    arms, _ = tune(evaluate, (scorer, scorer), SamplerSettings(num_steps=18), SEARCHED, budget_s=300,
+                   clock=lambda: now[0])
     assert len(arms) == 5 and now[0] == 300
     calls = []
 
@@ -99,10 +125,10 @@ def test_budget_and_interrupt():
         calls.append(s)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return z + s.s_max
+        return z + s.s_max, z
 
-    arms = tune(interrupted, scorer, SamplerSettings(num_steps=18), SEARCHED, budget_s=1e9)
-    assert len(arms) == 2
+    arms, best = tune(interrupted, (scorer, scorer), SamplerSettings(num_steps=18), SEARCHED, budget_s=1e9)
+    assert len(arms) == 2 and best in arms
 
 
 @pytest.fixture

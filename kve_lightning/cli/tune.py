@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kve_lightning.cli.common import DataSource, at_least, check_outputs, load_model, parse_device, writable_file
-from kve_lightning.metrics import feature_net
+from kve_lightning.metrics import PixelFD, feature_net
 from kve_lightning.sampling import SamplerSettings
 from kve_lightning.search import METRICS, SEARCHED, Arm, Scorer, format_table, paired_intervals, tune, winner_yaml
 from kve_lightning.search import plot as plot_arms
@@ -28,10 +28,12 @@ DOC = """Tune the sampler's stochasticity (S_churn, S_tmin, S_tmax, S_noise) of 
 Every arm samples the same --n seeds (common random numbers: the same initial noise and the same churn noise per
 seed), so arms differ only by their settings. The first arm is EDM Table 5's VE settings (80 / 0.05 / 1 / 1.007);
 then a compass search moves one setting at a time, keeping moves that lower the FID (against the data set's images,
---metric), with finer steps when none does, until --budget minutes would be exceeded (estimated from the arm times)
-or no move helps. The search space: S_tmin, S_tmax in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)] (above,
+--metric) unless they make the second metric, FD-pixels (the Frechet distance of raw pixels' principal components to
+half of the data set's images, as a multiple of the other half's), worse beyond its noise than the best arm's or Table
+5's (the paired --confidence interval of the difference above zero), with finer steps when no move helps, until
+--budget minutes would be exceeded (estimated from the arm times) or no move helps. The search space: S_tmin, S_tmax in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)] (above,
 the churn is capped), S_noise in [0.5, 1.5]. Ctrl-C ends it and writes the best arm so far (none: nothing written).
-Each arm's FID difference to Table 5 gets a paired bootstrap interval (the same resampled seeds for both arms, the
+Each arm's FID and FD-pixels differences to Table 5 get paired bootstrap intervals (the same resampled seeds for both arms, the
 real statistics fixed). Prints a table, writes a plot (--plot) and the best arm as a YAML config (--out: `model:`
 with num_steps and the settings) for the --config of `kve predict`, `kve sample` and `kve export`; an existing --out
 or --plot is refused unless --overwrite true. --model.* flags fix settings: the model's own for the rest (a searched
@@ -102,45 +104,54 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
         raise ValueError(str(err)) from None
     real = data.data_module(trained, held_out=False).full_dataset()
     with torch.no_grad():
-        real_features = torch.cat([net(batch.to(device)).double().cpu() for batch in tqdm(
-            DataLoader(real, batch_size=batch_size), desc="real features", unit="batch")])
-    scorer = Scorer.from_real(real_features, n, bootstrap, seed)
+        real_images = torch.cat(list(tqdm(DataLoader(real, batch_size=batch_size), desc="real images", unit="batch")))
+        real_features = torch.cat([net(batch.to(device)).double().cpu() for batch in real_images.split(batch_size)])
+    pixel_fd = PixelFD(real_images, n)
+    scorers = (Scorer.from_real(real_features, n, bootstrap, seed),
+               Scorer.from_moments(pixel_fd.mu, pixel_fd.sqrt_cov, n, bootstrap, seed, pixel_fd.set_size,
+                                   pixel_fd.floor))
     seeds = list(range(seed, seed + n))
 
     @torch.no_grad()
-    def evaluate(arm: SamplerSettings) -> torch.Tensor:
-        features = []
+    def evaluate(arm: SamplerSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        features, pixels = [], []
         with tqdm(total=n, unit="img", desc="arm", leave=False) as bar:
             for first in range(0, n, batch_size):
                 batch = seeds[first:first + batch_size]
-                features.append(net(trained.sample(batch, arm).to(device) * 2 - 1).double().cpu())
+                images = trained.sample(batch, arm).to(device) * 2 - 1
+                features.append(net(images).double().cpu())
+                pixels.append(pixel_fd.features(images.cpu()))
                 bar.update(len(batch))
-        return torch.cat(features)
+        return torch.cat(features), torch.cat(pixels)
 
     def report(arm: Arm, best: Arm) -> None:
         s = arm.settings
         tqdm.write(f"S_churn {s.s_churn:g}, S_tmin {s.s_min:g}, S_tmax {s.s_max:g}, S_noise {s.s_noise:g}: "
-                   f"{metric} {arm.fid:.2f} ({arm.seconds:.0f} s; best {best.fid:.2f})", file=sys.stderr)
+                   f"{metric} {arm.fid:.2f}, FD-pixels {arm.pixels:.3f}x ({arm.seconds:.0f} s; best {best.fid:.2f}, "
+                   f"{best.pixels:.3f}x)", file=sys.stderr)
 
     budget_s = budget * 60 - (time.monotonic() - began)
-    arms = tune(evaluate, scorer, baseline, searched, budget_s, report=report)
-    if not arms:
+    arms, best = tune(evaluate, scorers, baseline, searched, budget_s, confidence=confidence, report=report)
+    if best is None:
         print("kve tune: interrupted during the first (Table 5) arm: no arm finished, nothing written", file=sys.stderr)
         sys.exit(130)
     paired_intervals(arms, confidence)
-    best = min(arms, key=lambda a: a.fid)
     pct = f"{confidence:.0%}"
     summary = (f"{metric}, {n} samples per arm (seeds {seeds[0]}-{seeds[-1]} in every arm), NFE {nfe} "
                f"(N = {settings.num_steps}, {settings.solver}), {len(arms)} arms in "
                f"{(time.monotonic() - began) / 60:.1f} min")
-    verdict = (f"best {best.fid:.2f} vs Table 5 {arms[0].fid:.2f}: difference {best.diff:+.2f}, {pct} paired bootstrap "
-               f"interval [{best.interval[0]:+.2f}, {best.interval[1]:+.2f}] over {bootstrap} resamples")
-    print(f"{summary}\n\n{format_table(arms, best, confidence)}\n\n{verdict}")
+    verdict = (f"best {metric} {best.fid:.2f} vs Table 5 {arms[0].fid:.2f}: difference {best.diff:+.2f}, {pct} paired "
+               f"bootstrap interval [{best.interval[0]:+.2f}, {best.interval[1]:+.2f}] over {bootstrap} resamples; "
+               f"FD-pixels {best.pixels:.3f}x vs {arms[0].pixels:.3f}x (real images: 1; sets of "
+               f"{pixel_fd.set_size}), difference {best.pixels_diff:+.3f}, [{best.pixels_interval[0]:+.3f}, "
+               f"{best.pixels_interval[1]:+.3f}]")
+    print(f"{summary}\n\n{format_table(arms, best, confidence, metric)}\n\n{verdict}")
     header = [f"kve tune: the best of {len(arms)} arms by compass search from EDM Table 5's VE settings;",
               f"model {trained.source}; {summary};", f"{verdict}."]
     text = winner_yaml(best.settings, fixed, header)
     save_atomic(out, lambda f: f.write(text.encode()))
-    plot_arms(arms, best, f"{metric}, n = {n}, NFE {nfe}: best - Table 5 = {best.diff:+.2f}, "
-                     f"{pct} interval [{best.interval[0]:+.2f}, {best.interval[1]:+.2f}]", plot_path)
+    plot_arms(arms, best, f"{metric}, n = {n}, NFE {nfe}: best - Table 5 = {best.diff:+.2f}, {pct} interval "
+                     f"[{best.interval[0]:+.2f}, {best.interval[1]:+.2f}]; FD-pixels {best.pixels_diff:+.3f}",
+              plot_path, metric)
     print(f"wrote {out} and {plot_path}", file=sys.stderr)
 

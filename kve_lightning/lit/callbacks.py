@@ -22,7 +22,7 @@ from torchvision.utils import make_grid
 
 from kve_lightning.lit.data import FlipDataset
 from kve_lightning.masks import MASK_SPECS, complete, inpainting_grid, parse_mask
-from kve_lightning.metrics import Features, build_fid
+from kve_lightning.metrics import Features, PixelFD, build_fid
 from kve_lightning.storage import to_unit
 
 
@@ -148,8 +148,11 @@ class InpaintingGrid(Evaluation):
 
 
 class FID(Evaluation):
-    """Logs ``val/fid``: FID (``kve_lightning.metrics``) of ``num_samples`` samples (seeds 10**6, ...) against the
-    training images, whose statistics are computed once per process.
+    """Logs ``val/fid``, FID (``kve_lightning.metrics``) of ``num_samples`` samples (seeds 10**6, ...) against the
+    training images, and beside it ``val/fd_pixels``, FD-pixels of the same samples against them (``PixelFD``: a
+    multiple of the distance between two halves of the training images; 1.0 is a perfect model): two independent
+    measures, never one. The real statistics
+    are computed once per process.
 
     Args:
         every_n_epochs: log at the validations that end epochs n, 2n, ... (0: never).
@@ -162,6 +165,7 @@ class FID(Evaluation):
         _at_least("num_samples", num_samples, 2)
         self.num_samples, self.features = num_samples, features
         self._metric: Any = None
+        self._pixels: PixelFD | None = None
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._metric is None:
@@ -169,10 +173,14 @@ class FID(Evaluation):
             train = train.dataset if isinstance(train, FlipDataset) else train  # no random flips: no global RNG use
             real = torch.cat(list(DataLoader(train, batch_size=512, generator=torch.Generator())))
             self._metric = build_fid(real, self.features, device=pl_module.device)
+            self._pixels = PixelFD(real, self.num_samples)
         self._metric.reset()
+        samples = []
         for seeds in torch.arange(10**6, 10**6 + self.num_samples).split(256):
-            self._metric.update(pl_module.sample(seeds).clamp(-1, 1), real=False)
+            samples.append(pl_module.sample(seeds).clamp(-1, 1))
+            self._metric.update(samples[-1], real=False)
         pl_module.log("val/fid", self._metric.compute().item(), rank_zero_only=True)
+        pl_module.log("val/fd_pixels", self._pixels(torch.cat(samples)), rank_zero_only=True)
 
 
 class BitsPerDim(Evaluation):

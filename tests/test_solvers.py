@@ -425,3 +425,16 @@ def test_inpainting_refuses_a_solver_that_cannot_take_its_projection(solver):
     y, mask = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2, dtype=torch.bool)
     with pytest.raises(ValueError, match=f"solver='{solver}' cannot take that projection"):
         inpaint_karras_ve(lambda x, s: x, y, mask, solver=solver, restart_intervals=RESTART)
+
+
+def test_the_validation_inpainting_grid_of_such_a_solver_runs_heun():
+    """``kve fit --model.solver dpmpp_2m_sde`` logs its inpainting grid with Algorithm 2 (a tiny untrained UNet)."""
+    from conftest import TINY_UNET
+    from kve_lightning.lit.callbacks import InpaintingGrid
+    from kve_lightning.lit.module import KarrasVeModule
+
+    torch.manual_seed(0)
+    module = KarrasVeModule(image_size=8, channels=1, unet=json.loads(TINY_UNET), sigma_max=0.5, num_steps=3,
+                            solver="dpmpp_2m_sde").eval()
+    grid = InpaintingGrid(images=1, completions=2).images(module, torch.zeros(1, 1, 8, 8))
+    assert grid.isfinite().all() and grid.shape[-1] == 1 + 4 * (8 + 1)  # original | masked | 2 completions

@@ -1,13 +1,9 @@
 """scripts/benchmark_solvers.py on a tiny untrained model: every row and budget, the NFE each cell spent."""
 
 import importlib.util
-import json
 from pathlib import Path
 
-import torch
-
-from conftest import TINY_UNET
-from kve_lightning.lit.module import KarrasVeModule
+from conftest import untrained_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_solvers.py"
 
@@ -16,10 +12,7 @@ def test_the_table_has_every_solver_at_every_budget(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("benchmark_solvers", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    torch.manual_seed(0)
-    module = KarrasVeModule(image_size=8, channels=1, unet=json.loads(TINY_UNET), sigma_max=10.0, clamp_denoised=True)
-    ckpt = tmp_path / "tiny.ckpt"  # what `kve fit` writes, less the training state: weights and hyper-parameters
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    ckpt = untrained_checkpoint(tmp_path / "tiny.ckpt", sigma_max=10.0)
     md = tmp_path / "b" / "solvers.md"
     results = bench.main(["--ckpt_path", str(ckpt), "--nfe", "3,8", "--n", "6", "--batch-size", "4",
                           "--device", "cpu", "--out-md", str(md)])

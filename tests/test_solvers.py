@@ -438,3 +438,23 @@ def test_the_validation_inpainting_grid_of_such_a_solver_runs_heun():
                             solver="dpmpp_2m_sde").eval()
     grid = InpaintingGrid(images=1, completions=2).images(module, torch.zeros(1, 1, 8, 8))
     assert grid.isfinite().all() and grid.shape[-1] == 1 + 4 * (8 + 1)  # original | masked | 2 completions
+
+
+def test_kve_sample_and_predict_spend_and_record_the_same_nfe(tmp_path, capsys, monkeypatch):
+    """A checkpoint sampling with a budget (dpmpp_2m_sde, 7 NFE): both commands print the NFE spent and write the
+    same manifest, recording it (so either resumes the other's folder); a step count given replaces the budget."""
+    from conftest import untrained_checkpoint
+    from kve_lightning.cli import cli_main
+
+    ckpt = untrained_checkpoint(tmp_path / "t.ckpt", sigma_max=10.0, solver="dpmpp_2m_sde", nfe_budget=7)
+    monkeypatch.chdir(tmp_path)
+    for k, (flags, nfe) in enumerate((([], 7), (["--model.num_steps=3"], 3), (["--model.solver=heun"], 7))):
+        folder = tmp_path / f"out{k}"
+        cli_main(["predict", f"--ckpt_path={ckpt}", "--seeds=0-1", f"--out={folder}", "--trainer.logger=false",
+                  "--trainer.enable_progress_bar=false", *flags])
+        assert f"({nfe} network evaluations per image)" in capsys.readouterr().err
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["sampler"]["nfe"] == nfe
+        cli_main(["sample", f"--ckpt_path={ckpt}", "--seeds=0-2", f"--out={folder}", *flags])
+        assert f"wrote 1 images to {folder} (2 were there; {nfe} network evaluations" in capsys.readouterr().err
+        assert json.loads((folder / "manifest.json").read_text()) == manifest

@@ -1,4 +1,5 @@
-"""The stochastic Karras VE sampler (EDM, Karras et al. 2022, Algorithm 2, VE column of Table 1).
+"""The stochastic Karras VE sampler (EDM, Karras et al. 2022, Algorithm 2, VE column of Table 1), and the solvers
+beyond it (``kve_lightning.solvers``) over the same settings, schedule and per-seed noise.
 
 Plain functions over a ``denoiser(x, sigma) -> D(x; sigma)`` callable, ``sigma`` a float tensor of shape [B].
 No framework: the Lightning module, the scripts and the diffusers pipeline all call ``sample_karras_ve``.
@@ -10,10 +11,12 @@ import dataclasses
 import math
 import numbers
 import reprlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Mapping, Sequence, get_args, get_type_hints
 
 import torch
+
+from kve_lightning import solvers
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # inpainting's defaults, RePaint resampling and reconstruction-guidance weight, chosen by
@@ -25,9 +28,16 @@ GAMMA_MAX = math.sqrt(2) - 1  # Algorithm 2's cap on the churn: gamma_i = min(S_
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
 Schedule = Literal["ve", "edm"]
-Solver = Literal["heun", "euler"]
+Solver = Literal["heun", "euler", "dpmpp_2m_sde", "restart", "dpmpp_2m", "ipndm"]
+SdeSolverType = Literal["midpoint", "heun"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 SOLVERS: tuple[str, ...] = get_args(Solver)
+SDE_SOLVER_TYPES: tuple[str, ...] = get_args(SdeSolverType)
+ALGORITHM2 = ("heun", "euler")  # the solvers of Algorithm 2 itself, the only ones that take inpainting's projection
+MAX_IPNDM_ORDER = len(solvers.IPNDM_COEFFICIENTS)
+# the settings added with the solvers beyond Algorithm 2: settings of Algorithm 2 that leave all of them at their
+# defaults keep the sample-folder manifest of earlier versions (``SamplerSettings.manifest``)
+BEYOND_ALGORITHM2 = {"beyond_algorithm2": True}
 MAX_STEPS = 100_000
 MAX_SIGMA = 1e4
 MAX_REPR = 80  # characters of a value shown in an error message
@@ -44,16 +54,17 @@ def bounded_repr(value: Any) -> str:
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Every setting of EDM Algorithm 2 (VE column of Table 1), validated once, here.
+    """Every setting of EDM Algorithm 2 (VE column of Table 1) and of the solvers beyond it, validated once, here.
 
     Defaults are EDM Table 5's CIFAR-10 VE settings on the VE schedule with sigma in [0.02, 100] and Algorithm 2
-    as written (no clipping). Floats are stored as ``float``; a bad value is a ``ValueError`` that names it.
-    Everything that samples takes or produces one: ``sample_karras_ve``, ``KarrasVeModule`` (flat in its
-    hyper-parameters), the diffusers scheduler config, the sample folders' manifest and the ``--model.*`` flags of
-    every ``kve`` subcommand.
+    as written (no clipping); the other solvers' settings default to their authors' values. Floats are stored as
+    ``float``; a bad value is a ``ValueError`` that names it. Everything that samples takes or produces one:
+    ``sample_karras_ve``, ``KarrasVeModule`` (flat in its hyper-parameters), the diffusers scheduler config, the
+    sample folders' manifest and the ``--model.*`` flags of every ``kve`` subcommand.
 
     Args:
-        num_steps: N, the number of noise levels before sigma_N = 0 (NFE = 2N - 1 with heun, N with euler).
+        num_steps: N, the number of noise levels before sigma_N = 0 (the NFE it costs: ``nfe``); set by
+            ``nfe_budget`` when that is given.
         sigma_min: the smallest noise level sigma_{N-1} (> 0); at least the model's trained sigma_min.
         sigma_max: the largest noise level sigma_0 (at most 1e4); at most the model's trained sigma_max.
         schedule: the noise levels: "ve" (EDM Table 1, geometric in sigma) or "edm" (EDM Eq. 5, with rho).
@@ -61,8 +72,11 @@ class SamplerSettings:
         s_churn: S_churn, the total churn: gamma_i = min(S_churn / N, sqrt(2) - 1) inside [s_min, s_max].
         s_min: S_tmin, the lowest sigma that gets churn.
         s_max: S_tmax, the highest sigma that gets churn ("inf", EDM's own default: no upper limit).
-        s_noise: S_noise, the scale of the churn noise (slightly above 1 offsets detail lost to denoising).
-        solver: "heun" (Algorithm 2, second order) or "euler" (its first step only).
+        s_noise: S_noise, the scale of the churn noise (slightly above 1 offsets detail lost to denoising), and
+            of the noise of "dpmpp_2m_sde" and of Restart's jumps.
+        solver: "heun" (Algorithm 2, second order), "euler" (its first step only), "dpmpp_2m_sde" (DPM-Solver++(2M)
+            SDE), "restart" (Algorithm 2 with ``restart_intervals``), "dpmpp_2m" (DPM-Solver++(2M)) or "ipndm"
+            (iPNDM); ``kve_lightning.solvers``.
         clamp_denoised: clip D(x; sigma) to the data range [-1, 1] at every step (not part of Algorithm 2; the
             exact denoiser of data in [-1, 1] lies there, so the clip can only bring a learned one closer to it).
         micro_batch: evaluate the denoiser on chunks of exactly this many rows, the last one padded, so that a row's
@@ -70,6 +84,15 @@ class SamplerSettings:
             batch sizes); 0: the whole batch at once.
         extrapolate: sample even where [sigma_min, sigma_max] leaves the noise range the model was trained on
             (``check_trained_range``; otherwise refused: the network has never seen those noise levels).
+        eta: the share of fresh noise per step of "dpmpp_2m_sde" (0: the ODE solver "dpmpp_2m"; k-diffusion's 1).
+        sde_solver_type: the second-order term of "dpmpp_2m_sde": "midpoint" or "heun" (k-diffusion's solver_type).
+        restart_intervals: Restart's [N_restart, K, t_min, t_max] each (Xu et al. 2023), sigma_min <= t_min < t_max
+            <= sigma_max, e.g. [[3, 2, 0.5, 2.0]]: after the main step landing on the sigma nearest t_min, K times
+            a jump to t_max with fresh noise and N_restart - 1 Heun steps back on EDM's rho grid.
+        restart_gamma: the churn gamma of Restart's backward steps inside [s_min, s_max] (the authors' 0.05).
+        ipndm_order: the highest order of "ipndm", 1 to 4 (lower while its history is short).
+        nfe_budget: network evaluations per image; when given, it sets num_steps to the largest N whose NFE
+            (``nfe``) fits it (with heun and restart an even budget buys one fewer), refused if no N >= 2 fits.
     """
 
     num_steps: int = 50
@@ -85,6 +108,12 @@ class SamplerSettings:
     clamp_denoised: bool = False
     micro_batch: int = 0
     extrapolate: bool = False
+    eta: float = field(default=1.0, metadata=BEYOND_ALGORITHM2)
+    sde_solver_type: SdeSolverType = field(default="midpoint", metadata=BEYOND_ALGORITHM2)
+    restart_intervals: tuple[tuple[int, int, float, float], ...] = field(default=(), metadata=BEYOND_ALGORITHM2)
+    restart_gamma: float = field(default=0.05, metadata=BEYOND_ALGORITHM2)
+    ipndm_order: int = field(default=MAX_IPNDM_ORDER, metadata=BEYOND_ALGORITHM2)
+    nfe_budget: int | None = field(default=None, metadata=BEYOND_ALGORITHM2)
 
     def __post_init__(self) -> None:
         steps = self.num_steps
@@ -105,7 +134,7 @@ class SamplerSettings:
                 object.__setattr__(self, name, float(value))
             if hint is bool and not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {name}={bounded_repr(value)}")
-        for name, choices in (("schedule", SCHEDULES), ("solver", SOLVERS)):
+        for name, choices in (("schedule", SCHEDULES), ("solver", SOLVERS), ("sde_solver_type", SDE_SOLVER_TYPES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name}={getattr(self, name)!r}; expected one of {choices}")
         if not self.sigma_min > 0:
@@ -115,11 +144,42 @@ class SamplerSettings:
                              f"sigma_max={self.sigma_max}")
         if not self.rho > 0:
             raise ValueError(f"rho must be > 0, got rho={self.rho}")
-        for name in ("s_churn", "s_noise", "s_min"):
+        for name in ("s_churn", "s_noise", "s_min", "eta", "restart_gamma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
         if self.s_min > self.s_max:
             raise ValueError(f"s_min must be <= s_max, got s_min={self.s_min}, s_max={self.s_max}")
+        order = self.ipndm_order
+        if isinstance(order, bool) or not isinstance(order, numbers.Integral) or not 1 <= order <= MAX_IPNDM_ORDER:
+            raise ValueError(f"ipndm_order must be an integer in [1, {MAX_IPNDM_ORDER}], got "
+                             f"ipndm_order={bounded_repr(order)}")
+        object.__setattr__(self, "ipndm_order", int(order))
+        object.__setattr__(self, "restart_intervals", _restart_intervals(self.restart_intervals, self.sigma_min,
+                                                                         self.sigma_max))
+        if self.solver == "restart" and not self.restart_intervals:
+            raise ValueError("solver='restart' needs restart_intervals, e.g. [[3, 2, 0.5, 2.0]] ([N_restart, K, "
+                             "t_min, t_max] each), got restart_intervals=[]")
+        budget = self.nfe_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+                raise ValueError(f"nfe_budget must be an integer, got nfe_budget={bounded_repr(budget)}")
+            object.__setattr__(self, "nfe_budget", int(budget))
+            object.__setattr__(self, "num_steps", self._num_steps_within(int(budget)))
+
+    def _restart_nfe(self) -> int:
+        """Sum of 2K (N_restart - 1) over the restart intervals: Restart's evaluations beyond its main pass."""
+        return sum(2 * k * (n - 1) for n, k, _, _ in self.restart_intervals) if self.solver == "restart" else 0
+
+    def _num_steps_within(self, budget: int) -> int:
+        """The largest N whose ``nfe`` is at most ``budget``; a ``ValueError`` naming it if no N in [2, MAX_STEPS]
+        fits."""
+        two_per_step = self.solver in ("heun", "restart")
+        steps = (budget - self._restart_nfe() + 1) // 2 if two_per_step else budget
+        if not 2 <= steps <= MAX_STEPS:
+            rule = f"2N - 1 + {self._restart_nfe()}" if self.solver == "restart" else "2N - 1" if two_per_step else "N"
+            raise ValueError(f"nfe_budget={budget} is not reachable with solver={self.solver!r}: its NFE is {rule} "
+                             f"with N in [2, {MAX_STEPS}]")
+        return steps
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> SamplerSettings:
@@ -134,12 +194,33 @@ class SamplerSettings:
         unknown = [k for k in overrides if k not in names]
         if unknown:
             raise ValueError(f"unknown sampler setting(s) {unknown}; expected some of {names}")
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "num_steps" in given and "nfe_budget" not in given:  # a step count given replaces a budget of self's
+            given["nfe_budget"] = None
+        return dataclasses.replace(self, **given)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers, strings and booleans that strict JSON and YAML readers parse (an infinite S_tmax is
-        ``"inf"``): manifests, scheduler configs, checkpoint hyper-parameters."""
-        return dataclasses.asdict(self) | ({"s_max": "inf"} if self.s_max == math.inf else {})
+        ``"inf"``, the restart intervals lists): manifests, scheduler configs, checkpoint hyper-parameters. Without
+        ``beyond_algorithm2`` the settings of the later solvers are left out: what earlier versions wrote."""
+        values = dataclasses.asdict(self) | ({"s_max": "inf"} if self.s_max == math.inf else {}) | {
+            "restart_intervals": [list(interval) for interval in self.restart_intervals]}
+        later = {f.name for f in fields(self) if f.metadata == BEYOND_ALGORITHM2}
+        return values if self.beyond_algorithm2 else {k: v for k, v in values.items() if k not in later}
+
+    @property
+    def beyond_algorithm2(self) -> bool:
+        """A solver other than heun and euler, or a setting of the later solvers (``BEYOND_ALGORITHM2``) off its
+        default (``nfe_budget`` included)."""
+        return self.solver not in ALGORITHM2 or any(getattr(self, f.name) != f.default for f in fields(self)
+                                                    if f.metadata == BEYOND_ALGORITHM2)
+
+    def manifest(self) -> dict[str, Any]:
+        """The settings as a sample folder's ``manifest.json`` records them: those that change images (``to_dict``
+        but ``extrapolate``), with ``beyond_algorithm2`` also ``nfe``, the network evaluations per image (for
+        Algorithm 2 it follows from num_steps: the manifest of earlier versions, whose folders resume)."""
+        settings = {k: v for k, v in self.to_dict().items() if k != "extrapolate"}
+        return settings | {"nfe": self.nfe} if self.beyond_algorithm2 else settings
 
     def check_trained_range(self, trained_min: float, trained_max: float) -> None:
         """A ``ValueError`` naming both ranges if [sigma_min, sigma_max] reaches outside the range the model was
@@ -151,13 +232,57 @@ class SamplerSettings:
 
     @property
     def nfe(self) -> int:
-        """Network evaluations per image: 2N - 1 with Heun (no correction at sigma_N = 0), N with Euler."""
-        return 2 * self.num_steps - 1 if self.solver == "heun" else self.num_steps
+        """Network evaluations per image: 2N - 1 with heun (no correction at sigma_N = 0), that plus
+        sum 2K (N_restart - 1) with restart (``restart_sampler``'s count), N with the others (one per step)."""
+        if self.solver in ("heun", "restart"):
+            return 2 * self.num_steps - 1 + self._restart_nfe()
+        return self.num_steps
 
     def sigmas(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The noise levels sigma_0 > ... > sigma_{N-1} > sigma_N = 0 (``karras_ve_sigmas``)."""
         return karras_ve_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.schedule, self.rho,
                                 device=device, dtype=dtype)
+
+
+def _restart_intervals(value: Any, sigma_min: float, sigma_max: float) -> tuple[tuple[int, int, float, float], ...]:
+    """``value`` as a tuple of (N_restart, K, t_min, t_max) with N_restart >= 2, K >= 1 (integers up to MAX_STEPS)
+    and sigma_min <= t_min < t_max <= sigma_max; a ``ValueError`` naming the bad interval otherwise."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"restart_intervals must be a list of [N_restart, K, t_min, t_max], got "
+                         f"restart_intervals={bounded_repr(value)}")
+    intervals = []
+    for interval in value:
+        shown = f"restart interval {bounded_repr(interval)}"
+        if isinstance(interval, (str, bytes)) or not isinstance(interval, Sequence) or len(interval) != 4:
+            raise ValueError(f"{shown} is not [N_restart, K, t_min, t_max]")
+        n, k, t_min, t_max = interval
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or not low <= v <= MAX_STEPS
+               for v, low in ((n, 2), (k, 1))):
+            raise ValueError(f"{shown}: need integers 2 <= N_restart <= {MAX_STEPS} and 1 <= K <= {MAX_STEPS}")
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Real) for t in (t_min, t_max)) or not (
+                sigma_min <= t_min < t_max <= sigma_max):
+            raise ValueError(f"{shown}: need sigma_min <= t_min < t_max <= sigma_max = [{sigma_min:g}, "
+                             f"{sigma_max:g}]")
+        intervals.append((int(n), int(k), float(t_min), float(t_max)))
+    return tuple(intervals)
+
+
+def restart_grids(sigmas: Sequence[float], intervals: Sequence[tuple[int, int, float, float]],
+                  rho: float) -> dict[int, tuple[int, list[float]]]:
+    """Restart's intervals on the main grid ``sigmas`` (``restart_sampler``): t_min snapped to the nearest sigma_j,
+    which must lie strictly between sigma_0 and sigma_N = 0 and below t_max, one interval per j. Returns
+    {j: (K, EDM's rho grid of N_restart values from t_max down to sigma_j)}."""
+    grids = {}
+    for n, k, t_min, t_max in intervals:
+        j = min(range(len(sigmas)), key=lambda m: abs(sigmas[m] - t_min))
+        if not 0 < j < len(sigmas) - 1 or sigmas[j] >= t_max:
+            raise ValueError(f"restart interval {[n, k, t_min, t_max]}: t_min snaps to sigma_{j} = {sigmas[j]:g} of "
+                             f"the main grid, where no restart to t_max = {t_max:g} fits")
+        if j in grids:
+            raise ValueError(f"restart interval {[n, k, t_min, t_max]}: t_min snaps to sigma_{j} = {sigmas[j]:g}, "
+                             f"as another interval's does")
+        grids[j] = (k, karras_ve_sigmas(n, sigmas[j], t_max, "edm", rho, dtype=torch.float64).tolist()[:-1])
+    return grids
 
 
 def karras_ve_sigmas(
@@ -258,7 +383,8 @@ def sample_karras_ve(
     callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
     **overrides: Any,
 ) -> torch.Tensor:
-    """EDM Algorithm 2 with sigma(t) = t, s(t) = 1; returns the final sample x_N, unclamped.
+    """EDM Algorithm 2 with sigma(t) = t, s(t) = 1, or the solver ``settings.solver`` names
+    (``kve_lightning.solvers``, on the same schedule and noise); returns the final sample x_N, unclamped.
 
     ``settings`` (default ``SamplerSettings()``: Table 5's CIFAR-10 VE settings, 50 steps of the VE schedule on
     [0.02, 100]) with keyword ``overrides`` of its fields, e.g. ``num_steps=18, s_churn=0``. ``sigmas``
@@ -266,17 +392,44 @@ def sample_karras_ve(
     unit-variance ``latents`` if given (as EDM's ``edm_sampler`` and diffusers take them); then one noise tensor
     eps_i is drawn per step, even where gamma_i = 0, so a step's noise does not depend on the churn window.
     ``generator`` may be one ``torch.Generator`` or one per batch row. ``callback(i, sigma_hat, x_hat, denoised)``
-    is called after each step's first denoiser evaluation.
+    is called after each step's first denoiser evaluation (of the main pass, with restart). The other solvers draw
+    their noise from the same generators: dpmpp_2m_sde one tensor per step but the last, restart one per Heun step
+    and one per jump.
     """
     settings = (settings or SamplerSettings()).replace(**overrides)
     if latents is not None:
         if tuple(latents.shape) != tuple(shape):
             raise ValueError(f"latents has shape {tuple(latents.shape)} but shape={tuple(shape)}")
         device, dtype = latents.device, latents.dtype
-    return _algorithm2(denoiser, shape, settings, sigmas, generator, latents, device, dtype, callback)
+    if settings.solver in ALGORITHM2:
+        return _algorithm2(denoiser, shape, settings, sigmas, generator, latents, device, dtype, callback)
+    sigma = _check_sigmas(settings.sigmas() if sigmas is None else sigmas)
+    D = _denoise(denoiser, settings, shape[0])
+    x = sigma[0] * (latents if latents is not None else randn_per_row(shape, generator, device, dtype))
+    noise = lambda: randn_per_row(shape, generator, x.device, x.dtype)  # noqa: E731
+    if settings.solver == "dpmpp_2m_sde":
+        return solvers.sample_dpmpp_2m_sde(D, x, sigma, noise, settings.eta, settings.s_noise, settings.sde_solver_type,
+                                           callback)
+    if settings.solver == "restart":
+        grids = restart_grids(sigma, settings.restart_intervals, settings.rho)
+        return solvers.sample_restart(D, x, sigma, noise, grids, min(settings.s_churn / (len(sigma) - 1), GAMMA_MAX),
+                                      settings.s_min, settings.s_max, settings.s_noise, settings.restart_gamma, callback)
+    if settings.solver == "dpmpp_2m":
+        return solvers.sample_dpmpp_2m(D, x, sigma, callback)
+    return solvers.sample_ipndm(D, x, sigma, settings.ipndm_order, callback)
 
 
 Projection = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def _denoise(denoiser: Denoiser, settings: SamplerSettings, batch: int) -> solvers.Denoise:
+    """D(x, s) at the Python float s: ``denoiser`` in the settings' micro-batches, clipped to [-1, 1] if
+    ``clamp_denoised``."""
+    def D(x: torch.Tensor, s: float) -> torch.Tensor:
+        denoised = in_micro_batches(denoiser, x, torch.full((batch,), s, device=x.device, dtype=x.dtype),
+                                    settings.micro_batch)
+        return denoised.clamp(-1, 1) if settings.clamp_denoised else denoised
+    return D
 
 
 def _algorithm2(denoiser: Denoiser, shape: Sequence[int], settings: SamplerSettings, sigmas: torch.Tensor | None,
@@ -288,13 +441,8 @@ def _algorithm2(denoiser: Denoiser, shape: Sequence[int], settings: SamplerSetti
     Without them the loop is Algorithm 2 exactly, drawing the same noise."""
     sigma = _check_sigmas(settings.sigmas() if sigmas is None else sigmas)
     N = len(sigma) - 1
-    batch = shape[0]
     project = project or (lambda x, s: x)
-
-    def D(x: torch.Tensor, s: float) -> torch.Tensor:
-        denoised = in_micro_batches(denoiser, x, torch.full((batch,), s, device=x.device, dtype=x.dtype),
-                                    settings.micro_batch)
-        return denoised.clamp(-1, 1) if settings.clamp_denoised else denoised
+    D = _denoise(denoiser, settings, shape[0])
 
     x = sigma[0] * (latents if latents is not None else randn_per_row(shape, generator, device, dtype))
     x = project(x, sigma[0])
@@ -365,6 +513,9 @@ def inpaint_karras_ve(
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
         raise ValueError(f"guidance must be a number in [0, {MAX_GUIDANCE:g}], got guidance={bounded_repr(guidance)}")
     settings = (settings or SamplerSettings()).replace(**overrides)
+    if settings.solver not in ALGORITHM2:
+        raise ValueError(f"inpainting projects every state of Algorithm 2 (solver 'heun' or 'euler'); "
+                         f"solver={settings.solver!r} cannot take that projection")
     known_rows = mask.flatten(1).any(1).tolist()
 
     def noise_of_known_rows() -> torch.Tensor:

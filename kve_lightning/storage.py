@@ -141,12 +141,13 @@ def weights_sha256(model: torch.nn.Module) -> str:
 def sample_manifest(denoiser: torch.nn.Module, settings: SamplerSettings) -> dict[str, Any]:
     """The identity of a sample folder's images: the denoiser's UNet weights, image size and channels, its
     preconditioning (``precond`` and ``sigma_data``, for "edm" only: a VE folder's manifest is that of earlier
-    versions), and the sampler settings that change images (all but ``extrapolate``)."""
+    versions), and the sampler settings that change images with the NFE spent per image
+    (``SamplerSettings.manifest``: Algorithm 2 with none of the later solvers' settings, as in earlier versions)."""
     unet = denoiser.unet
     precond = {"precond": denoiser.precond, "sigma_data": denoiser.sigma_data} if denoiser.precond != "ve" else {}
     return {"kve_lightning_samples": 1, "weights_sha256": weights_sha256(unet),
             "image_size": int(unet.config.sample_size), "channels": int(unet.config.in_channels), **precond,
-            "sampler": dict(sorted((k, v) for k, v in settings.to_dict().items() if k != "extrapolate"))}
+            "sampler": dict(sorted(settings.manifest().items()))}
 
 
 def _flatten(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,23 @@ SHORT_FIT_ARGS = [f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_AR
                   "--trainer.logger=false"]
 
 
+def untrained_checkpoint(path: Path, **hparams) -> Path:
+    """A checkpoint of the tiny UNet, untrained (seed 0), on 8 x 8 gray images with ``hparams``: what `kve fit`
+    writes less the training state, for tests of sampling's bookkeeping that need no trained weights."""
+    import json
+
+    import lightning
+    import torch
+
+    from kve_lightning.lit.module import KarrasVeModule
+
+    torch.manual_seed(0)
+    module = KarrasVeModule(image_size=8, channels=1, unet=json.loads(TINY_UNET), **hparams)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    return path
+
+
 def run_kve(*args: str, cwd=None, check=True) -> subprocess.CompletedProcess:
     """``python -m kve_lightning ARGS`` in a subprocess (exit code and messages as a user sees them)."""
     proc = subprocess.run([sys.executable, "-m", "kve_lightning", *args], cwd=cwd, capture_output=True, text=True)

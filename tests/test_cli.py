@@ -205,7 +205,8 @@ def test_every_model_data_writer_and_callback_option_explains_itself(subcommand)
     assert len(options) >= 45 and {"--model.num_steps", "--model.rho", "--data.dataset", "--skip_existing", "--grid",
                                    "--sample_grid.size", "--fid.every_n_epochs", "--seeds", "--out"} <= set(options)
     assert [k for k, v in options.items() if not v] == []
-    for choice in ("{ve,edm}", "{heun,euler}", "{digits,mnist,fashion_mnist,cifar10,folder}", "{digits,inception}"):
+    for choice in ("{ve,edm}", "{heun,euler,dpmpp_2m_sde,restart,dpmpp_2m,ipndm}",
+                   "{digits,mnist,fashion_mnist,cifar10,folder}", "{digits,inception}"):
         assert choice in proc.stdout
 
 

@@ -114,6 +114,9 @@ class KveCLI(LightningCLI):
             super().parse_arguments(parser, args)
             config = self.config[subcommand] if subcommand else self.config
             place_run(config)
+            if config.model.get("num_steps") != hparams.get("num_steps") and (
+                    config.model.get("nfe_budget") == hparams.get("nfe_budget") is not None):
+                config.model.nfe_budget = None  # a step count given replaces the checkpoint's NFE budget
             check_architecture(config.model, hparams, path)
             if subcommand != "predict":
                 check_split(config.data, split, path)

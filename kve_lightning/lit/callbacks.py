@@ -23,6 +23,7 @@ from torchvision.utils import make_grid
 from kve_lightning.lit.data import FlipDataset
 from kve_lightning.masks import MASK_SPECS, complete, inpainting_grid, parse_mask
 from kve_lightning.metrics import Features, PixelFD, build_fid
+from kve_lightning.sampling import ALGORITHM2
 from kve_lightning.storage import to_unit
 
 
@@ -138,7 +139,9 @@ class InpaintingGrid(Evaluation):
         mask = parse_mask(self.mask, originals.shape[-1]).to(pl_module.device)
         seeds = [self.seed + k for k in range(self.completions)]
         rows = originals.to(pl_module.device).repeat_interleave(len(seeds), 0)
-        x = complete(pl_module.denoiser, rows, mask, seeds * len(originals), pl_module.sampler)
+        settings = pl_module.sampler  # inpainting runs Algorithm 2: Heun for the solvers that take no projection
+        settings = settings if settings.solver in ALGORITHM2 else settings.replace(solver="heun")
+        x = complete(pl_module.denoiser, rows, mask, seeds * len(originals), settings)
         return inpainting_grid(originals, mask.cpu(), x.unflatten(0, (len(originals), len(seeds))).cpu())
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

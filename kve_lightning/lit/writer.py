@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -59,8 +60,11 @@ class PNGWriter(BasePredictionWriter):
             save_png(image, seed_path(self.output_dir, seed))
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        """The grid, and one line on stderr with the folder and the NFE per image (as ``kve sample`` prints it)."""
         trainer.strategy.barrier()
-        if self.grid and trainer.is_global_zero:
+        if trainer.is_global_zero:
             seeds: Any = trainer.datamodule.seeds if trainer.datamodule is not None else None
-            if seeds:
+            if self.grid and seeds:
                 save_grid(self.output_dir, seeds, self.grid_max_images)
+            print(f"wrote the images to {self.output_dir} ({pl_module.sampler.nfe} network evaluations per image)",
+                  file=sys.stderr)

@@ -2,6 +2,7 @@
 `EDMLoss` formula, sigma_data auto, and an EDM-objective model through every path that works off D(x; sigma)."""
 
 import json
+import logging
 import math
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from kve_lightning.cli import cli_main
 from kve_lightning.denoiser import VEDenoiser, dsm_loss, sample_sigmas
 from kve_lightning.lit.data import ImageDataModule
 from kve_lightning.lit.module import KarrasVeModule
+from kve_lightning.sampling import SOLVERS
 
 MU, S, SIGMA_D = 0.3, 0.6, 0.75
 
@@ -133,3 +135,51 @@ def test_likelihood_and_inpainting_work_off_the_edm_denoiser(edm_run, tmp_path):
     cli_main(["inpaint", f"--ckpt_path={ckpt}", "--n=1", "--seeds=0", "--mask=bottom", "--model.num_steps=3",
               f"--out={tmp_path / 'i'}"])
     assert (tmp_path / "i" / "00000_000000.png").is_file()
+
+
+def test_an_edm_export_explains_itself_to_diffusers_karras_ve_pipeline(edm_run, trained_run, tmp_path, capfd):
+    """diffusers' KarrasVePipeline assumes D = x + sigma F: an EDM export says so at export and when its UNet is
+    loaded by diffusers (a one-line warning naming the fix), but not when our pipeline loads it; VE exports are as
+    before."""
+    from diffusers import UNet2DModel
+
+    from kve_lightning.interop.pipeline import KarrasVeLightningPipeline
+
+    _, ckpt = edm_run
+    cli_main(["export", f"--ckpt_path={ckpt}", f"--out={tmp_path / 'edm'}"])
+    assert "note: EDM preconditioning (sigma_data 0.75): diffusers' KarrasVePipeline" in capfd.readouterr().err
+    records = []  # diffusers' own handler writes to the stderr of when it was made: listen to its logger instead
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("diffusers.configuration_utils")
+    logger.addHandler(handler)
+    try:
+        UNet2DModel.from_pretrained(tmp_path / "edm" / "unet")
+        warning = [line for line in records if "kve_preconditioning" in line]
+        assert len(warning) == 1 and "\n" not in warning[0]
+        assert "samples this UNet wrongly" in warning[0] and "KarrasVeLightningPipeline" in warning[0]
+        records.clear()
+        KarrasVeLightningPipeline.from_pretrained(tmp_path / "edm")
+        assert not any("kve_preconditioning" in line for line in records)
+    finally:
+        logger.removeHandler(handler)
+    _, ve_ckpt = trained_run
+    cli_main(["export", f"--ckpt_path={ve_ckpt}", f"--out={tmp_path / 've'}"])
+    assert "note:" not in capfd.readouterr().err
+    assert "kve_preconditioning" not in json.loads((tmp_path / "ve" / "unet" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_every_solver_samples_the_edm_denoiser(edm_run, solver):
+    """Every solver works off D(x; sigma) alone: on an EDM checkpoint each gives finite images that depend on the
+    preconditioning (the same weights read as VE give others), at the NFE it says it spends."""
+    _, ckpt = edm_run
+    module = KarrasVeModule.from_checkpoint(ckpt)
+    settings = dict(solver=solver, nfe_budget=7, restart_intervals=((2, 1, 0.5, 2.0),) if solver == "restart" else ())
+    calls = []
+    denoiser = module.denoiser.forward
+    module.denoiser.forward = lambda x, sigma: calls.append(len(x)) or denoiser(x, sigma)
+    x = module.sample([0, 1], **settings)
+    assert x.isfinite().all() and len(calls) == module.sampler.replace(**settings).nfe <= 7
+    module.denoiser.precond = "ve"
+    assert not torch.equal(module.sample([0, 1], **settings), x)

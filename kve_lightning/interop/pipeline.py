@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
+import logging
 import numbers
 from dataclasses import fields
 from pathlib import Path
@@ -31,6 +33,21 @@ from kve_lightning.storage import to_unit
 from kve_lightning.sampling import SamplerSettings, sample_karras_ve
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+# an EDM export's unet/config.json holds this key: diffusers' UNet2DModel ignores it, with a warning that shows its
+# value, so loading the UNet for diffusers' own KarrasVePipeline (which assumes VE preconditioning) explains itself
+NOT_FOR_KARRAS_VE = "kve_preconditioning"
+
+
+def not_for_karras_ve(sigma_data: float) -> str:
+    """The one-line explanation an EDM-preconditioned export carries for diffusers' ``KarrasVePipeline``."""
+    return (f"EDM preconditioning (sigma_data {sigma_data:g}): diffusers' KarrasVePipeline assumes VE preconditioning "
+            f"(D = x + sigma F) and samples this UNet wrongly; load the folder with kve_lightning's "
+            f"KarrasVeLightningPipeline or `kve sample --pipeline`")
+
+
+class _DropNotForKarrasVe(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return NOT_FOR_KARRAS_VE not in record.getMessage()
 
 
 class KarrasVeLightningScheduler(SchedulerMixin, ConfigMixin):
@@ -93,7 +110,13 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
             if missing:
                 raise ValueError(f"{str(path)!r} is not an exported kve-lightning model folder: it has no "
                                  f"{', '.join(missing)}")
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        quiet = _DropNotForKarrasVe()  # the warning is for diffusers' KarrasVePipeline, not for this pipeline
+        logger = logging.getLogger("diffusers.configuration_utils")
+        logger.addFilter(quiet)
+        try:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        finally:
+            logger.removeFilter(quiet)
         if not isinstance(pipe.scheduler, KarrasVeLightningScheduler):
             raise ValueError(f"{str(path)!r} names the scheduler {type(pipe.scheduler).__name__}, not "
                              f"KarrasVeLightningScheduler: not a kve-lightning export")
@@ -108,6 +131,14 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
         check_finite(pipe.unet.state_dict(), str(path))
         _own_storage(pipe.unet)
         return pipe
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """``DiffusionPipeline.save_pretrained``; an EDM-preconditioned UNet's config also gets ``NOT_FOR_KARRAS_VE``."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self.scheduler.precond != "ve":
+            config = Path(save_directory) / "unet" / "config.json"
+            text = json.loads(config.read_text()) | {NOT_FOR_KARRAS_VE: not_for_karras_ve(self.scheduler.sigma_data)}
+            config.write_text(json.dumps(text, indent=2, sort_keys=True) + "\n")
 
     @torch.no_grad()
     def __call__(

@@ -21,6 +21,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RESAMPLE = 2
 GUIDANCE = 1.0
 MAX_GUIDANCE = 100.0  # beyond it w (1 + sigma^2) saturates every filled pixel (measured to w = 30: README)
+MAX_GUIDANCE_SCALE = 100.0  # classifier-free guidance and autoguidance: w of D_guide + w (D_main - D_guide)
 GAMMA_MAX = math.sqrt(2) - 1  # Algorithm 2's cap on the churn: gamma_i = min(S_churn / N, sqrt(2) - 1)
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -31,6 +32,7 @@ SOLVERS: tuple[str, ...] = get_args(Solver)
 MAX_STEPS = 100_000
 MAX_SIGMA = 1e4
 MAX_REPR = 80  # characters of a value shown in an error message
+UNBOUNDED = ("s_max", "guidance_sigma_max")  # the settings that may be infinite, "inf" in JSON and flags
 
 
 def bounded_repr(value: Any) -> str:
@@ -70,6 +72,12 @@ class SamplerSettings:
             batch sizes); 0: the whole batch at once.
         extrapolate: sample even where [sigma_min, sigma_max] leaves the noise range the model was trained on
             (``check_trained_range``; otherwise refused: the network has never seen those noise levels).
+        guidance_scale: w of guidance, D_w = D_guide + w (D_main - D_guide) in [0, 100] (1: none): classifier-free
+            guidance for a conditional model (D_guide: the null class), autoguidance with a guide model
+            (``kve_lightning.guidance``).
+        guidance_sigma_min: guidance applies for sigma in (guidance_sigma_min, guidance_sigma_max] only
+            (Kynkaenniemi et al. 2024); elsewhere D_main alone.
+        guidance_sigma_max: the top of the guidance interval ("inf": no upper limit).
     """
 
     num_steps: int = 50
@@ -85,6 +93,9 @@ class SamplerSettings:
     clamp_denoised: bool = False
     micro_batch: int = 0
     extrapolate: bool = False
+    guidance_scale: float = 1.0
+    guidance_sigma_min: float = 0.0
+    guidance_sigma_max: float | Literal["inf"] = math.inf
 
     def __post_init__(self) -> None:
         steps = self.num_steps
@@ -95,11 +106,12 @@ class SamplerSettings:
         if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or not 0 <= rows <= 2**16:
             raise ValueError(f"micro_batch must be an integer in [0, 65536], got micro_batch={bounded_repr(rows)}")
         object.__setattr__(self, "micro_batch", int(rows))
-        if self.s_max in ("inf", math.inf):  # EDM's S_tmax default; "inf" is how JSON and the flags spell it
-            object.__setattr__(self, "s_max", math.inf)
+        for name in UNBOUNDED:
+            if getattr(self, name) in ("inf", math.inf):  # EDM's S_tmax default; "inf" is how JSON and flags spell it
+                object.__setattr__(self, name, math.inf)
         for name, hint in get_type_hints(type(self)).items():
             value = getattr(self, name)
-            if hint is float or name == "s_max" and value != math.inf:
+            if hint is float or name in UNBOUNDED and value != math.inf:
                 if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                     raise ValueError(f"{name} must be a finite number, got {name}={bounded_repr(value)}")
                 object.__setattr__(self, name, float(value))
@@ -120,6 +132,12 @@ class SamplerSettings:
                 raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
         if self.s_min > self.s_max:
             raise ValueError(f"s_min must be <= s_max, got s_min={self.s_min}, s_max={self.s_max}")
+        if not 0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE_SCALE:g}] (1: no guidance), got "
+                             f"guidance_scale={self.guidance_scale}")
+        if not 0 <= self.guidance_sigma_min < self.guidance_sigma_max:
+            raise ValueError(f"need 0 <= guidance_sigma_min < guidance_sigma_max, got guidance_sigma_min="
+                             f"{self.guidance_sigma_min}, guidance_sigma_max={self.guidance_sigma_max}")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> SamplerSettings:
@@ -139,7 +157,7 @@ class SamplerSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers, strings and booleans that strict JSON and YAML readers parse (an infinite S_tmax is
         ``"inf"``): manifests, scheduler configs, checkpoint hyper-parameters."""
-        return dataclasses.asdict(self) | ({"s_max": "inf"} if self.s_max == math.inf else {})
+        return dataclasses.asdict(self) | {name: "inf" for name in UNBOUNDED if getattr(self, name) == math.inf}
 
     def check_trained_range(self, trained_min: float, trained_max: float) -> None:
         """A ``ValueError`` naming both ranges if [sigma_min, sigma_max] reaches outside the range the model was
@@ -229,18 +247,22 @@ def rand_per_row(
     return _per_row(torch.rand, shape, generator, device, dtype)
 
 
-def in_micro_batches(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, rows: int) -> torch.Tensor:
+def in_micro_batches(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, rows: int,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
     """``denoiser(x, sigma)`` evaluated on chunks of exactly ``rows`` rows, the last chunk padded with zeros (``rows``
-    = 0: in one call). Every chunk has the same shape, so each row meets the same kernels whatever its batch."""
+    = 0: in one call). Every chunk has the same shape, so each row meets the same kernels whatever its batch.
+    ``labels`` [B], one per row, are split (and padded) with the rows: ``denoiser(x, sigma, labels)``."""
+    per_row = () if labels is None else (labels,)
     if not rows:
-        return denoiser(x, sigma)
+        return denoiser(x, sigma, *per_row)
     out = []
-    for xs, ss in zip(x.split(rows), sigma.split(rows)):
+    for xs, ss, *ls in zip(x.split(rows), sigma.split(rows), *(t.split(rows) for t in per_row)):
         n = xs.shape[0]
         if n < rows:
             xs = torch.cat([xs, xs.new_zeros((rows - n, *xs.shape[1:]))])
             ss = torch.cat([ss, ss[:1].expand(rows - n)])
-        out.append(denoiser(xs, ss)[:n])
+            ls = [torch.cat([t, t[:1].expand(rows - n)]) for t in ls]
+        out.append(denoiser(xs, ss, *ls)[:n])
     return torch.cat(out)
 
 

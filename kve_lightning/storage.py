@@ -1,7 +1,7 @@
 """Writing samples as PNG files: one per seed, ``{seed:06d}.png``, plus a grid; the same bytes from every entry point.
 
-A sample folder also holds ``manifest.json``: the weights' SHA-256, the image size and channel count, and the sampler
-settings. Every writer (``kve predict``, ``kve sample --ckpt_path`` or ``--pipeline``) refuses a folder whose manifest
+A sample folder also holds ``manifest.json``: the weights' SHA-256, the image size and channel count, the sampler
+settings, and for a conditional model the class labels of its seeds (and a guide's SHA-256). Every writer (``kve predict``, ``kve sample --ckpt_path`` or ``--pipeline``) refuses a folder whose manifest
 differs from its own, so one folder never mixes images of different models or settings, and it can skip the seeds
 whose PNG is already there: an interrupted run resumes where it stopped, whichever entry point wrote the folder.
 """
@@ -138,15 +138,28 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def sample_manifest(denoiser: torch.nn.Module, settings: SamplerSettings) -> dict[str, Any]:
+GUIDANCE_SETTINGS = ("guidance_scale", "guidance_sigma_min", "guidance_sigma_max")
+
+
+def sample_manifest(denoiser: torch.nn.Module, settings: SamplerSettings, labels: dict[int, int] | None = None,
+                    guide: torch.nn.Module | None = None) -> dict[str, Any]:
     """The identity of a sample folder's images: the denoiser's UNet weights, image size and channels, its
     preconditioning (``precond`` and ``sigma_data``, for "edm" only: a VE folder's manifest is that of earlier
-    versions), and the sampler settings that change images (all but ``extrapolate``)."""
+    versions), and the sampler settings that change images (all but ``extrapolate``, and the guidance settings
+    only when guiding: ``guidance_scale`` != 1). ``labels`` (seed -> class) are recorded as one label when every
+    seed has the same (more seeds of that class may join the folder later), else as the whole map; ``guide``'s UNet
+    weights when it guides."""
     unet = denoiser.unet
     precond = {"precond": denoiser.precond, "sigma_data": denoiser.sigma_data} if denoiser.precond != "ve" else {}
+    guiding = settings.guidance_scale != 1
+    sampler = {k: v for k, v in settings.to_dict().items()
+               if k != "extrapolate" and (guiding or k not in GUIDANCE_SETTINGS)}
+    classes = {} if labels is None else {"labels": next(iter(set(labels.values()))) if len(set(labels.values())) == 1
+                                         else {str(seed): label for seed, label in sorted(labels.items())}}
+    guided_by = {"guide_weights_sha256": weights_sha256(guide.unet)} if guiding and guide is not None else {}
     return {"kve_lightning_samples": 1, "weights_sha256": weights_sha256(unet),
             "image_size": int(unet.config.sample_size), "channels": int(unet.config.in_channels), **precond,
-            "sampler": dict(sorted((k, v) for k, v in settings.to_dict().items() if k != "extrapolate"))}
+            **classes, **guided_by, "sampler": dict(sorted(sampler.items()))}
 
 
 def _flatten(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, dat
     with tqdm(total=count, unit="img", desc="bits/dim") as bar:
         for first in range(0, count, batch_size):
             index = list(range(first, min(first + batch_size, count)))
-            batch = torch.stack([images[i] for i in index]).to(where)
+            batch = torch.stack([images[i][0] for i in index]).to(where)
             values.append(bits_per_dim_per_image(
                 trained.denoiser, batch, module.levels, generator=index_generators(index), steps=ode_steps,
                 num_probes=probes, sigma_min=trained.trained[0], sigma_max=trained.trained[1]))

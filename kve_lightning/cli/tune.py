@@ -102,7 +102,7 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
         raise ValueError(str(err)) from None
     real = data.data_module(trained, held_out=False).full_dataset()
     with torch.no_grad():
-        real_features = torch.cat([net(batch.to(device)).double().cpu() for batch in tqdm(
+        real_features = torch.cat([net(images.to(device)).double().cpu() for images, _ in tqdm(
             DataLoader(real, batch_size=batch_size), desc="real features", unit="batch")])
     scorer = Scorer.from_real(real_features, n, bootstrap, seed)
     seeds = list(range(seed, seed + n))

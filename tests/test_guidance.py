@@ -256,3 +256,88 @@ def test_autoguidance_of_an_unconditional_model(tmp_path):
     assert not torch.equal(guided_module.sample([0, 1], guidance_scale=2), plain)
     with pytest.raises(ValueError, match="guidance_scale=2 needs a conditional model"):
         main.sample([0], guidance_scale=2)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    """`kve fit --model.num_classes 10` on the digits for 3 steps: its last.ckpt."""
+    from conftest import SHORT_FIT_ARGS
+
+    root = tmp_path_factory.mktemp("cond_run")
+    cli_main(["fit", *SHORT_FIT_ARGS, "--model.num_classes=10", "--model.micro_batch=4", "--trainer.max_steps=3",
+              "--trainer.max_epochs=1", f"--trainer.default_root_dir={root}"])
+    return root / "checkpoints" / "last.ckpt"
+
+
+def pngs(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("0*.png"))}
+
+
+def test_predict_and_sample_take_labels_and_the_manifest_records_them(cond_run, tmp_path, capsys):
+    cli_main(["predict", f"--ckpt_path={cond_run}", "--seeds=0-3", "--labels=3", f"--out={tmp_path / 'p'}",
+              "--trainer.enable_progress_bar=false", "--trainer.logger=false"])
+    cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=0-3", "--labels=3", f"--out={tmp_path / 's'}"])
+    assert pngs(tmp_path / "p") == pngs(tmp_path / "s") and len(pngs(tmp_path / "s")) == 4
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["labels"] == 3 and "guidance_scale" not in manifest["sampler"]
+    cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=4-5", "--labels=3", f"--out={tmp_path / 's'}"])  # joins
+    assert_refused(lambda: cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=0-3", "--labels=4",
+                                     f"--out={tmp_path / 's'}"]), capsys, "labels: 3 there, 4 now",
+                   folder=tmp_path)
+    cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=0-1", "--labels=0,7", "--model.guidance_scale=2",
+              "--model.guidance_sigma_max=5", f"--out={tmp_path / 'g'}"])
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert manifest["labels"] == {"0": 0, "1": 7} and manifest["sampler"]["guidance_scale"] == 2
+    assert "network evaluations" in capsys.readouterr().err
+
+
+def test_bad_labels_and_guides_end_in_one_line_exit_2_nothing_written(cond_run, trained_run, tmp_path, capsys):
+    other_size = KarrasVeModule(unet=TINY, image_size=16, num_classes=10)
+    guide = tmp_path / "guide16.ckpt"
+    torch.save({"state_dict": other_size.state_dict(), "hyper_parameters": dict(other_size.hparams)}, guide)
+    out = f"--out={tmp_path / 'x'}"
+    for argv, needle in (
+            (["sample", f"--ckpt_path={cond_run}", "--labels=10", out], "label 10 is not a class"),
+            (["sample", f"--ckpt_path={trained_run[1]}", "--labels=1", out], "unconditional model"),
+            (["sample", f"--ckpt_path={trained_run[1]}", "--model.guidance_scale=2", out], "guidance_scale=2 needs"),
+            (["sample", f"--ckpt_path={cond_run}", "--model.guidance_scale=-1", out], "guidance_scale=-1"),
+            (["sample", f"--ckpt_path={cond_run}", "--seeds=0-3", "--labels=1,2", out], "2 labels for 4 seeds"),
+            (["sample", f"--ckpt_path={cond_run}", f"--guide_ckpt_path={guide}", "--model.guidance_scale=2", out],
+             "guide"),
+            (["predict", f"--ckpt_path={cond_run}", "--labels=12", out, "--trainer.logger=false"], "label 12"),
+            (["inpaint", f"--ckpt_path={cond_run}", "--n=2", "--mask=bottom", "--labels=10", out], "label 10"),
+            (["likelihood", f"--ckpt_path={trained_run[1]}", "--classify_images=true", f"--out={tmp_path / 'r.json'}"],
+             "needs a conditional model")):
+        assert_refused(lambda: cli_main(argv), capsys, needle, folder=tmp_path)
+
+
+def test_export_of_a_conditional_model_loads_in_diffusers_and_samples_its_labels(cond_run, tmp_path):
+    cli_main(["export", f"--ckpt_path={cond_run}", f"--out={tmp_path / 'e'}"])
+    unet = UNet2DModel.from_pretrained(tmp_path / "e" / "unet")
+    assert unet.config.num_class_embeds == K + 1
+    from kve_lightning.interop.pipeline import KarrasVeLightningPipeline
+
+    pipe = KarrasVeLightningPipeline.from_pretrained(tmp_path / "e", use_safetensors=True)
+    assert pipe.scheduler.class_names == list("0123456789")
+    module = KarrasVeModule.from_checkpoint(cond_run)
+    images = pipe(seeds=[0, 1], class_labels=[2, 5], output_type="pt", guidance_scale=1.5).images
+    expected = (module.sample([0, 1], labels=[2, 5], guidance_scale=1.5) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+
+
+def test_conditional_inpainting_likelihood_and_the_grid_of_classes(cond_run, tmp_path):
+    cli_main(["inpaint", f"--ckpt_path={cond_run}", "--n=2", "--seeds=0", "--mask=bottom", "--labels=3",
+              "--model.guidance_scale=2", "--resample=1", "--guidance=0", f"--out={tmp_path / 'i'}"])
+    assert json.loads((tmp_path / "i" / "manifest.json").read_text())["labels"] == 3
+    cli_main(["likelihood", f"--ckpt_path={cond_run}", "--n=3", "--ode_steps=1", "--classify_images=true",
+              f"--out={tmp_path / 'r.json'}"])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert 0 <= report["classifier_accuracy"] <= 1 and report["nfe_per_image"] == 4 * K
+    assert report["bits_per_dim_per_class"]
+    from kve_lightning.lit.callbacks import SampleGrid
+
+    grid, _ = SampleGrid(size=20, trajectory_rows=1, trajectory_cols=2).images(KarrasVeModule.from_checkpoint(cond_run))
+    assert grid.shape[1:] == (10 * 9 + 1, 2 * 9 + 1)  # one row per class, 2 samples each (8x8 images, 1 px padding)

@@ -135,7 +135,9 @@ class KveCLI(LightningCLI):
         """Done in ``parse_arguments``: LightningCLI's own would let the checkpoint override the flags."""
 
     def predict(self, **kwargs) -> None:
-        """Predictions go to disk batch by batch; none are kept in memory unless asked for."""
+        """Predictions go to disk batch by batch; none are kept in memory unless asked for. Labels and guidance the
+        model cannot take are refused first, before anything is written."""
+        self.model.sampling_denoiser(self.model.sampler, self.datamodule.labels)
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
         self.trainer.predict(**kwargs)

@@ -38,10 +38,12 @@ class KarrasVeLightningScheduler(SchedulerMixin, ConfigMixin):
     """The ``SamplerSettings`` of EDM Algorithm 2 as a diffusers config (``scheduler_config.json``), one key per
     setting, and the noise range the UNet was trained on (``train_sigma_min``, ``train_sigma_max``; an export of
     before they were stored was trained on its sampler's); a bad setting fails on load, not on use. ``num_steps`` is
-    the default of a pipeline call's ``num_inference_steps``. No ``step()``: the pipeline runs the whole sampler."""
+    the default of a pipeline call's ``num_inference_steps``. ``class_names``: a conditional UNet's classes, label k
+    naming class k. No ``step()``: the pipeline runs the whole sampler."""
 
     def __init__(self, train_sigma_min: float | None = None, train_sigma_max: float | None = None,
-                 precond: str = "ve", sigma_data: float = SIGMA_DATA, **settings: Any):
+                 precond: str = "ve", sigma_data: float = SIGMA_DATA, class_names: Sequence[str] = (),
+                 **settings: Any):
         self.settings = SamplerSettings(**settings)
         self.trained = (self.settings.sigma_min if train_sigma_min is None else float(train_sigma_min),
                         self.settings.sigma_max if train_sigma_max is None else float(train_sigma_max))
@@ -49,8 +51,10 @@ class KarrasVeLightningScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"need precond in {PRECONDS} and sigma_data > 0, got precond={precond!r}, "
                              f"sigma_data={sigma_data!r}")
         self.precond, self.sigma_data = precond, float(sigma_data)
+        self.class_names = [str(name) for name in class_names]
         self.register_to_config(**self.settings.to_dict(), train_sigma_min=self.trained[0],
-                                train_sigma_max=self.trained[1], precond=precond, sigma_data=self.sigma_data)
+                                train_sigma_max=self.trained[1], precond=precond, sigma_data=self.sigma_data,
+                                class_names=self.class_names)
 
     def denoiser(self, unet: UNet2DModel) -> VEDenoiser:
         """D(x; sigma) of ``unet`` with the preconditioning it was trained with."""
@@ -63,7 +67,8 @@ KarrasVeLightningScheduler.__init__.__signature__ = inspect.Signature(
     + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
        for name in ("train_sigma_min", "train_sigma_max")]
     + [inspect.Parameter("precond", inspect.Parameter.KEYWORD_ONLY, default="ve"),
-       inspect.Parameter("sigma_data", inspect.Parameter.KEYWORD_ONLY, default=SIGMA_DATA)]
+       inspect.Parameter("sigma_data", inspect.Parameter.KEYWORD_ONLY, default=SIGMA_DATA),
+       inspect.Parameter("class_names", inspect.Parameter.KEYWORD_ONLY, default=())]
     + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields(SamplerSettings)])
 
 

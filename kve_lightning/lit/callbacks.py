@@ -70,7 +70,9 @@ class Evaluation(Callback):
 
 class SampleGrid(Evaluation):
     """Logs ``samples/grid`` (``size`` samples, seeds ``seed``, ``seed`` + 1, ...) and ``samples/trajectory`` (x_hat
-    and D(x_hat) at ``trajectory_cols`` steps for the first ``trajectory_rows`` of them) to TensorBoard.
+    and D(x_hat) at ``trajectory_cols`` steps for the first ``trajectory_rows`` of them) to TensorBoard. A
+    conditional model's grid has one row per class, ``size`` // K samples each (at least one), the same seeds in
+    every row.
 
     Args:
         size: samples in the grid (0: none).
@@ -97,8 +99,16 @@ class SampleGrid(Evaluation):
             if i in keep:
                 frames.append((x_hat[:self.rows].clone(), denoised[:self.rows].clone()))
 
-        samples = pl_module.sample(range(self.seed, self.seed + self.size), callback=record)
-        grid = make_grid(to_unit(samples), nrow=math.ceil(math.sqrt(self.size)), padding=1)
+        classes = pl_module.hparams.get("num_classes", 0)
+        if classes:
+            per_class = max(1, self.size // classes)
+            seeds = [self.seed + j for _ in range(classes) for j in range(per_class)]
+            samples = pl_module.sample(seeds, callback=record, labels=[c for c in range(classes) for _ in
+                                                                       range(per_class)])
+            grid = make_grid(to_unit(samples), nrow=per_class, padding=1)
+        else:
+            samples = pl_module.sample(range(self.seed, self.seed + self.size), callback=record)
+            grid = make_grid(to_unit(samples), nrow=math.ceil(math.sqrt(self.size)), padding=1)
         # rows: x_hat of sample 0, denoised of sample 0, x_hat of sample 1, ...; columns: steps
         strip = torch.stack([torch.stack([f[j][r] for f in frames]) for r in range(self.rows) for j in (0, 1)])
         return grid, make_grid(to_unit(strip.flatten(0, 1)), nrow=len(frames), padding=1)

@@ -19,7 +19,7 @@ from kve_lightning.denoiser import (SIGMA_DATA, LossWeight, Precond, SigmaDist, 
 from kve_lightning.guidance import check_guide, check_labels, guided
 from kve_lightning.lit.ema import EMA, PostHocEMA
 from kve_lightning.storage import to_unit
-from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
+from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr, with_labels
 
 from kve_lightning.rng import get_rng_states, set_rng_states
 from kve_lightning.sampling import MAX_SIGMA, SamplerSettings, sample_karras_ve
@@ -350,12 +350,15 @@ class KarrasVeModule(L.LightningModule):
 
     # ------------------------------------------------------------------ likelihood
 
-    def bits_per_dim(self, index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def bits_per_dim(self, index: torch.Tensor, images: torch.Tensor, labels: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """Bits/dim of each image (``likelihood.bits_per_dim_per_image``) at the data's quantization, its
         dequantization noise and probes from ``torch.Generator().manual_seed(index)``: an image's value depends on
-        its index in its split, not on its batch or rank."""
+        its index in its split, not on its batch or rank. A conditional model's is -log2 p(x | c) / d with the
+        images' ``labels`` (none: the null class)."""
         levels = getattr(self.trainer.datamodule, "levels", 256) if self._trainer is not None else 256
-        return bits_per_dim_per_image(self.denoiser, images, levels, generator=index_generators(index),
+        denoiser = with_labels(self.denoiser, self.batch_labels(labels) if labels is not None else None)
+        return bits_per_dim_per_image(denoiser, images, levels, generator=index_generators(index),
                                       steps=self.hparams.likelihood_steps, num_probes=self.hparams.likelihood_probes,
                                       sigma_min=self.train_sigmas[0], sigma_max=self.train_sigmas[1])
 
@@ -365,8 +368,8 @@ class KarrasVeModule(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         """``batch``: (indices in the held-out split, images, labels). Each rank integrates its own images, no
         collective."""
-        index, images = batch[0], batch[1]
-        self._test_bpd.append((index.cpu(), self.bits_per_dim(index, images)))
+        index, images, labels = batch
+        self._test_bpd.append((index.cpu(), self.bits_per_dim(index, images, labels)))
 
     def on_test_epoch_end(self) -> None:
         """Gather every rank's (index, bpd) once, drop the duplicates a distributed sampler pads with, and log

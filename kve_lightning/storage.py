@@ -1,9 +1,10 @@
 """Writing samples as PNG files: one per seed, ``{seed:06d}.png``, plus a grid; the same bytes from every entry point.
 
 A sample folder also holds ``manifest.json``: the weights' SHA-256, the image size and channel count, the sampler
-settings, and for a conditional model the class labels of its seeds (and a guide's SHA-256). Every writer (``kve predict``, ``kve sample --ckpt_path`` or ``--pipeline``) refuses a folder whose manifest
-differs from its own, so one folder never mixes images of different models or settings, and it can skip the seeds
-whose PNG is already there: an interrupted run resumes where it stopped, whichever entry point wrote the folder.
+settings, and for a conditional model the class labels of its seeds (and a guide's SHA-256). Every writer (``kve
+predict``, ``kve sample --ckpt_path`` or ``--pipeline``) refuses a folder whose manifest differs from its own, so one
+folder never mixes images of different models or settings, and it can skip the seeds whose PNG is already there: an
+interrupted run resumes where it stopped, whichever entry point wrote the folder.
 """
 
 from __future__ import annotations

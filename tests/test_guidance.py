@@ -103,7 +103,8 @@ def test_guided_nfe_counts_both_branches_inside_the_interval():
 
 
 def test_guidance_settings_are_validated_naming_the_value():
-    for bad, needle in ((dict(guidance_scale=-1), "guidance_scale=-1"), (dict(guidance_scale=math.nan), "guidance_scale"),
+    for bad, needle in ((dict(guidance_scale=-1), "guidance_scale=-1"),
+                        (dict(guidance_scale=math.nan), "guidance_scale"),
                         (dict(guidance_sigma_min=3, guidance_sigma_max=1), "guidance_sigma_min=3")):
         with pytest.raises(ValueError, match=needle):
             SamplerSettings(**bad)
@@ -199,9 +200,9 @@ def conditional_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     module = KarrasVeModule(unet=TINY, num_steps=4, sigma_max=10, num_classes=K, micro_batch=4)
     data = ImageDataModule(batch_size=16)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, default_root_dir=root, num_sanity_val_steps=0,
-                        enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, default_root_dir=root,
+                        num_sanity_val_steps=0, enable_model_summary=False)
     trainer.fit(module, data)
     metrics = dict(trainer.callback_metrics)
     path = root / "cond.ckpt"
@@ -356,3 +357,34 @@ def test_conditional_configs_build_their_model_and_data(config, tmp_path, monkey
                        "--trainer.logger=false"])
     assert cli.model.hparams.num_classes == 10 == len(cli.datamodule.class_names())
     assert cli.datamodule.labels == [3] * 64
+
+
+def test_benchmark_guidance_script_runs_end_to_end(cond_run, tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("benchmark_guidance", REPO / "scripts" / "benchmark_guidance.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main([f"--ckpt_path={cond_run}", "--scales=1,2", "--per_class=3", f"--out-md={tmp_path / 'g.md'}"])
+    assert [r["w"] for r in rows] == [1.0, 2.0] and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert rows[1]["nfe"] == 2 * rows[0]["nfe"] and len(rows[0]["fid_per_class"]) == K  # 4 Heun steps: 7, 14
+    assert "requested-class accuracy" in (tmp_path / "g.md").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_predict_with_labels_and_guidance_matches_one_process(cond_run, tmp_path):
+    from conftest import REPO, TINY_MODEL_ARGS, run_kve
+
+    def predict(devices):
+        out = tmp_path / f"out{devices}"
+        run_kve("predict", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS, f"--ckpt_path={cond_run}",
+                "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
+                f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}", "--trainer.logger=false", "--seeds=0-6",
+                "--labels=0,1,2,3,4,5,6", "--model.guidance_scale=2", "--data.predict_batch_size=2", f"--out={out}",
+                cwd=tmp_path)
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    one = predict(1)
+    assert len([n for n in one if n.startswith("0")]) == 7 and predict(2) == one

@@ -230,7 +230,8 @@ class Model:
     guide: VEDenoiser | None = None
 
     def manifest(self, settings: SamplerSettings, labels: dict[int, int] | None = None) -> dict[str, Any]:
-        """The sample folder manifest of these weights, ``settings`` and seed -> label ``labels`` (``sample_manifest``)."""
+        """The sample folder manifest of these weights, ``settings`` and seed -> label ``labels``
+        (``sample_manifest``)."""
         from kve_lightning.storage import sample_manifest
 
         return sample_manifest(self.denoiser, settings, labels, self.guide)

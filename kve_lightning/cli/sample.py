@@ -24,8 +24,8 @@ and sampler settings. --model.* flags override the model's sampler settings, and
 config or `kve tune`'s output), the flags overriding it.
 
 Each PNG is written atomically, and the folder's manifest.json records the weights' SHA-256, the image size and the
-sampler settings, and a conditional model's labels (the same manifest as `kve predict`'s). Rerun an interrupted command and it samples only the seeds
-whose PNG is missing; a folder whose manifest differs is refused (exit 2).
+sampler settings, and a conditional model's labels (the same manifest as `kve predict`'s). Rerun an interrupted
+command and it samples only the seeds whose PNG is missing; a folder whose manifest differs is refused (exit 2).
 """
 
 

@@ -123,6 +123,11 @@ def parse_labels(labels: int | str | Sequence[int] | None, count: int) -> list[i
     return items * count if len(items) == 1 else items
 
 
+def batch_seeds(batch: torch.Tensor) -> torch.Tensor:
+    """The seeds of a predict batch: seeds [B], or the first column of (seed, label) rows [B, 2]."""
+    return batch if batch.ndim == 1 else batch[:, 0]
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
     """16- and 32-bit integer grayscale images ("I;16*", "I") scaled to 8-bit "L" by their bit depth (PIL's own
     conversion clips them to white); a ``ValueError`` for 32-bit float ("F") images, whose pixels have no range to
@@ -468,8 +473,7 @@ class ImageDataModule(L.LightningDataModule):
         The loader itself keeps every seed, so the predict hooks (``PNGWriter``'s checks) run even when nothing
         is left to sample, and its batches, hence each rank's share, do not depend on the files present."""
         if self.trainer is not None and self.trainer.predicting and self.skip_seeds:
-            keep = torch.tensor([int(s) not in self.skip_seeds for s in batch.reshape(len(batch), -1)[:, 0]],
-                                dtype=torch.bool)
+            keep = torch.tensor([int(s) not in self.skip_seeds for s in batch_seeds(batch)], dtype=torch.bool)
             return batch[keep]
         return batch
 

@@ -209,8 +209,9 @@ class KarrasVeModule(L.LightningModule):
         if stage == "fit" and self.hparams.num_classes and hasattr(datamodule, "class_names"):
             names = datamodule.class_names()
             if len(names) != self.hparams.num_classes:
-                raise ValueError(f"num_classes={self.hparams.num_classes} but the data set {datamodule.hparams.dataset!r} "
-                                 f"has {len(names)} classes{'' if names else ' (no class sub-folders)'}")
+                why = "" if names else " (no class sub-folders)"
+                raise ValueError(f"num_classes={self.hparams.num_classes} but the data set "
+                                 f"{datamodule.hparams.dataset!r} has {len(names)} classes{why}")
             self.hparams.class_names = list(names)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from kve_lightning.lit.data import batch_seeds
 from kve_lightning.storage import (check_sample_folder, existing_seeds, open_sample_folder, prepare_output_dir,
                                    sample_manifest, save_grid, save_png, seed_path)
 
@@ -58,7 +59,7 @@ class PNGWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction: torch.Tensor, batch_indices, batch: torch.Tensor,
                            batch_idx: int, dataloader_idx: int) -> None:
-        for seed, image in zip(batch.reshape(len(batch), -1)[:, 0].tolist(), prediction):  # seeds, or (seed, label)
+        for seed, image in zip(batch_seeds(batch).tolist(), prediction):
             save_png(image, seed_path(self.output_dir, seed))
 
     def on_predict_end(self, trainer, pl_module) -> None:

@@ -96,7 +96,7 @@ def parse_labels(labels: int | str | Sequence[int] | None, count: int) -> list[i
     """The class label of each of ``count`` seeds: ``None`` (none: unconditional), one label for every seed (``3``,
     ``"3"``), or one per seed (``"0-9"``, ``"3,1,4"`` or a list, repeats allowed, as many as the seeds); a
     ``ValueError`` naming the value otherwise. Whether a label is below the model's class count is the model's
-    check (``KarrasVeModule.check_labels``)."""
+    check (``guidance.check_labels``)."""
     if labels is None:
         return None
     if isinstance(labels, bool):

@@ -195,8 +195,9 @@ def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
 
 def with_labels(denoiser: Denoiser, labels: torch.Tensor | None) -> Denoiser:
     """The denoiser x, sigma -> D(x; sigma, labels) of a conditional model (``denoiser`` itself for no labels): the
-    likelihood functions then give log p(x | c)."""
-    return denoiser if labels is None else lambda x, sigma: denoiser(x, sigma, labels.to(x.device))
+    likelihood functions then give log p(x | c). The labels are copied at each call: autograd refuses tensors made in
+    inference mode (Lightning's test loop)."""
+    return denoiser if labels is None else lambda x, sigma: denoiser(x, sigma, labels.to(x.device).clone())
 
 
 def class_bits_per_dim(denoiser: Denoiser, images: torch.Tensor, levels: int, index, num_classes: int, **kwargs

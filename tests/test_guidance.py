@@ -388,3 +388,34 @@ def test_ddp_predict_with_labels_and_guidance_matches_one_process(cond_run, tmp_
 
     one = predict(1)
     assert len([n for n in one if n.startswith("0")]) == 7 and predict(2) == one
+
+
+def test_cifar10_labels_are_paired_with_their_images(tmp_path, monkeypatch):
+    """torchvision's CIFAR-10 reader on fake batches (its md5 checks patched out): image of class c, gray 20 c."""
+    import pickle
+
+    from torchvision.datasets import cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for k, (name, _) in enumerate(cifar.CIFAR10.train_list + cifar.CIFAR10.test_list):
+        labels = [(k + i) % 10 for i in range(3)]
+        data = np.stack([np.full(3 * 32 * 32, 20 * c) for c in labels]).astype(np.uint8)
+        (folder / name).write_bytes(pickle.dumps({"data": data, "labels": labels}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(ImageDataModule(
+        dataset="cifar10").class_names())}))
+    data = ImageDataModule(dataset="cifar10", root=str(tmp_path), image_size=8, channels=3).full_dataset()
+    assert len(data) == 15
+    for i in range(15):
+        image, label = data[i]
+        assert label == (i // 3 + i % 3) % 10
+        assert torch.allclose(image, torch.full_like(image, 20 * label / 255 * 2 - 1), atol=1e-6)
+
+
+def test_kve_test_of_a_conditional_model_is_log_p_x_given_its_label(cond_run, tmp_path, capsys):
+    cli_main(["test", f"--ckpt_path={cond_run}", "--model.likelihood_steps=1", "--trainer.limit_test_batches=1",
+              "--data.batch_size=4", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+              f"--trainer.default_root_dir={tmp_path}"])
+    assert "test/bpd" in capsys.readouterr().out

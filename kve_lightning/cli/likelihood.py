@@ -110,5 +110,6 @@ def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, dat
         report["nfe_per_image"] = 4 * ode_steps * num_classes
     payload = (json.dumps(report, indent=2) + "\n").encode()
     save_atomic(path, lambda f: f.write(payload))
-    print(f"{mean:.4f} +- {stderr:.4f} bits/dim over {count} images ({4 * ode_steps} NFE each, {wall:.1f} s): "
-          f"{path}", file=sys.stderr)
+    accuracy = f", classifier accuracy {report['classifier_accuracy']:.3f}" if classify_images else ""
+    print(f"{mean:.4f} +- {stderr:.4f} bits/dim over {count} images{accuracy} ({report['nfe_per_image']} NFE each, "
+          f"{wall:.1f} s): {path}", file=sys.stderr)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from kve_lightning.sampling import Denoiser, SamplerSettings, in_micro_batches
+from kve_lightning.sampling import GAMMA_MAX, Denoiser, SamplerSettings, in_micro_batches
 
 if TYPE_CHECKING:
     from kve_lightning.denoiser import VEDenoiser
@@ -40,7 +40,7 @@ def guided_nfe(settings: SamplerSettings) -> int:
         return settings.nfe
     sigma = settings.sigmas().tolist()
     n = settings.num_steps
-    gamma_max = min(settings.s_churn / n, 2**0.5 - 1)
+    gamma_max = min(settings.s_churn / n, GAMMA_MAX)
     evaluated = []
     for i in range(n):
         gamma = gamma_max if settings.s_min <= sigma[i] <= settings.s_max else 0.0

@@ -191,3 +191,27 @@ def bits_per_dim(denoiser: Denoiser, images: torch.Tensor, levels: int, **kwargs
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
     n = values.numel()
     return float(values.mean()), float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def with_labels(denoiser: Denoiser, labels: torch.Tensor | None) -> Denoiser:
+    """The denoiser x, sigma -> D(x; sigma, labels) of a conditional model (``denoiser`` itself for no labels): the
+    likelihood functions then give log p(x | c). The labels are copied at each call: autograd refuses tensors made in
+    inference mode (Lightning's test loop)."""
+    return denoiser if labels is None else lambda x, sigma: denoiser(x, sigma, labels.to(x.device).clone())
+
+
+def class_bits_per_dim(denoiser: Denoiser, images: torch.Tensor, levels: int, index, num_classes: int, **kwargs
+                       ) -> torch.Tensor:
+    """Bits/dim of each image under each class c, -log2 p(x | c) / d up to the same offset [B, K]
+    (``bits_per_dim_per_image`` of ``with_labels(denoiser, c)``), every class with the same dequantization and probes
+    (fresh ``index_generators(index)`` for each): K probability-flow ODE solves per image."""
+    labels = [torch.full((len(images),), c, dtype=torch.long) for c in range(num_classes)]
+    return torch.stack([bits_per_dim_per_image(with_labels(denoiser, c), images, levels,
+                                               generator=index_generators(index), **kwargs) for c in labels], 1)
+
+
+def classify(class_bpd: torch.Tensor, dims: int, log_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """The generative classifier's class per image: argmax_c log p(x | c) + log p(c), with log p(x | c) = -d ln 2
+    bpd_c + const from ``class_bits_per_dim`` [B, K] over ``dims`` = d dimensions (``log_prior``: uniform if None)."""
+    log_joint = -class_bpd.double() * dims * math.log(2)
+    return (log_joint if log_prior is None else log_joint + log_prior.double()).argmax(1)

@@ -24,6 +24,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RESAMPLE = 2
 GUIDANCE = 1.0
 MAX_GUIDANCE = 100.0  # beyond it w (1 + sigma^2) saturates every filled pixel (measured to w = 30: README)
+MAX_GUIDANCE_SCALE = 100.0  # classifier-free guidance and autoguidance: w of D_guide + w (D_main - D_guide)
 GAMMA_MAX = math.sqrt(2) - 1  # Algorithm 2's cap on the churn: gamma_i = min(S_churn / N, sqrt(2) - 1)
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -38,9 +39,11 @@ MAX_IPNDM_ORDER = len(solvers.IPNDM_COEFFICIENTS)
 # the settings added with the solvers beyond Algorithm 2: settings of Algorithm 2 that leave all of them at their
 # defaults keep the sample-folder manifest of earlier versions (``SamplerSettings.manifest``)
 BEYOND_ALGORITHM2 = {"beyond_algorithm2": True}
+GUIDED_ONLY = {"guided_only": True}  # metadata of the guidance settings: recorded only when guiding (w != 1)
 MAX_STEPS = 100_000
 MAX_SIGMA = 1e4
 MAX_REPR = 80  # characters of a value shown in an error message
+UNBOUNDED = ("s_max", "guidance_sigma_max")  # the settings that may be infinite, "inf" in JSON and flags
 
 
 def bounded_repr(value: Any) -> str:
@@ -93,6 +96,12 @@ class SamplerSettings:
         ipndm_order: the highest order of "ipndm", 1 to 4 (lower while its history is short).
         nfe_budget: network evaluations per image; when given, it sets num_steps to the largest N whose NFE
             (``nfe``) fits it (with heun and restart an even budget buys one fewer), refused if no N >= 2 fits.
+        guidance_scale: w of guidance, D_w = D_guide + w (D_main - D_guide) in [0, 100] (1: none): classifier-free
+            guidance for a conditional model (D_guide: the null class), autoguidance with a guide model
+            (``kve_lightning.guidance``).
+        guidance_sigma_min: guidance applies for sigma in (guidance_sigma_min, guidance_sigma_max] only
+            (Kynkaenniemi et al. 2024); elsewhere D_main alone.
+        guidance_sigma_max: the top of the guidance interval ("inf": no upper limit).
     """
 
     num_steps: int = 50
@@ -114,6 +123,9 @@ class SamplerSettings:
     restart_gamma: float = field(default=0.05, metadata=BEYOND_ALGORITHM2)
     ipndm_order: int = field(default=MAX_IPNDM_ORDER, metadata=BEYOND_ALGORITHM2)
     nfe_budget: int | None = field(default=None, metadata=BEYOND_ALGORITHM2)
+    guidance_scale: float = field(default=1.0, metadata=GUIDED_ONLY)
+    guidance_sigma_min: float = field(default=0.0, metadata=GUIDED_ONLY)
+    guidance_sigma_max: float | Literal["inf"] = field(default=math.inf, metadata=GUIDED_ONLY)
 
     def __post_init__(self) -> None:
         steps = self.num_steps
@@ -124,11 +136,12 @@ class SamplerSettings:
         if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or not 0 <= rows <= 2**16:
             raise ValueError(f"micro_batch must be an integer in [0, 65536], got micro_batch={bounded_repr(rows)}")
         object.__setattr__(self, "micro_batch", int(rows))
-        if self.s_max in ("inf", math.inf):  # EDM's S_tmax default; "inf" is how JSON and the flags spell it
-            object.__setattr__(self, "s_max", math.inf)
+        for name in UNBOUNDED:
+            if getattr(self, name) in ("inf", math.inf):  # EDM's S_tmax default; "inf" is how JSON and flags spell it
+                object.__setattr__(self, name, math.inf)
         for name, hint in get_type_hints(type(self)).items():
             value = getattr(self, name)
-            if hint is float or name == "s_max" and value != math.inf:
+            if hint is float or name in UNBOUNDED and value != math.inf:
                 if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                     raise ValueError(f"{name} must be a finite number, got {name}={bounded_repr(value)}")
                 object.__setattr__(self, name, float(value))
@@ -165,6 +178,12 @@ class SamplerSettings:
                 raise ValueError(f"nfe_budget must be an integer, got nfe_budget={bounded_repr(budget)}")
             object.__setattr__(self, "nfe_budget", int(budget))
             object.__setattr__(self, "num_steps", self._num_steps_within(int(budget)))
+        if not 0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE_SCALE:g}] (1: no guidance), got "
+                             f"guidance_scale={self.guidance_scale}")
+        if not 0 <= self.guidance_sigma_min < self.guidance_sigma_max:
+            raise ValueError(f"need 0 <= guidance_sigma_min < guidance_sigma_max, got guidance_sigma_min="
+                             f"{self.guidance_sigma_min}, guidance_sigma_max={self.guidance_sigma_max}")
 
     def _restart_nfe(self) -> int:
         """Sum of 2K (N_restart - 1) over the restart intervals: Restart's evaluations beyond its main pass."""
@@ -202,11 +221,13 @@ class SamplerSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers, strings and booleans that strict JSON and YAML readers parse (an infinite S_tmax is
         ``"inf"``, the restart intervals lists): manifests, scheduler configs, checkpoint hyper-parameters. Without
-        ``beyond_algorithm2`` the settings of the later solvers are left out: what earlier versions wrote."""
-        values = dataclasses.asdict(self) | ({"s_max": "inf"} if self.s_max == math.inf else {}) | {
+        ``beyond_algorithm2`` the settings of the later solvers are left out, and without guidance (w = 1) the
+        guidance settings: what earlier versions wrote."""
+        values = dataclasses.asdict(self) | {name: "inf" for name in UNBOUNDED if getattr(self, name) == math.inf} | {
             "restart_intervals": [list(interval) for interval in self.restart_intervals]}
-        later = {f.name for f in fields(self) if f.metadata == BEYOND_ALGORITHM2}
-        return values if self.beyond_algorithm2 else {k: v for k, v in values.items() if k not in later}
+        left_out = {f.name for f in fields(self) if f.metadata == BEYOND_ALGORITHM2 and not self.beyond_algorithm2
+                    or f.metadata == GUIDED_ONLY and self.guidance_scale == 1}
+        return {k: v for k, v in values.items() if k not in left_out}
 
     @property
     def beyond_algorithm2(self) -> bool:
@@ -354,18 +375,22 @@ def rand_per_row(
     return _per_row(torch.rand, shape, generator, device, dtype)
 
 
-def in_micro_batches(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, rows: int) -> torch.Tensor:
+def in_micro_batches(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, rows: int,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
     """``denoiser(x, sigma)`` evaluated on chunks of exactly ``rows`` rows, the last chunk padded with zeros (``rows``
-    = 0: in one call). Every chunk has the same shape, so each row meets the same kernels whatever its batch."""
+    = 0: in one call). Every chunk has the same shape, so each row meets the same kernels whatever its batch.
+    ``labels`` [B], one per row, are split (and padded) with the rows: ``denoiser(x, sigma, labels)``."""
+    per_row = () if labels is None else (labels,)
     if not rows:
-        return denoiser(x, sigma)
+        return denoiser(x, sigma, *per_row)
     out = []
-    for xs, ss in zip(x.split(rows), sigma.split(rows)):
+    for xs, ss, *ls in zip(x.split(rows), sigma.split(rows), *(t.split(rows) for t in per_row)):
         n = xs.shape[0]
         if n < rows:
             xs = torch.cat([xs, xs.new_zeros((rows - n, *xs.shape[1:]))])
             ss = torch.cat([ss, ss[:1].expand(rows - n)])
-        out.append(denoiser(xs, ss)[:n])
+            ls = [torch.cat([t, t[:1].expand(rows - n)]) for t in ls]
+        out.append(denoiser(xs, ss, *ls)[:n])
     return torch.cat(out)
 
 

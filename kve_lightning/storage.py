@@ -1,9 +1,10 @@
 """Writing samples as PNG files: one per seed, ``{seed:06d}.png``, plus a grid; the same bytes from every entry point.
 
-A sample folder also holds ``manifest.json``: the weights' SHA-256, the image size and channel count, and the sampler
-settings. Every writer (``kve predict``, ``kve sample --ckpt_path`` or ``--pipeline``) refuses a folder whose manifest
-differs from its own, so one folder never mixes images of different models or settings, and it can skip the seeds
-whose PNG is already there: an interrupted run resumes where it stopped, whichever entry point wrote the folder.
+A sample folder also holds ``manifest.json``: the weights' SHA-256, the image size and channel count, the sampler
+settings, and for a conditional model the class labels of its seeds (and a guide's SHA-256). Every writer (``kve
+predict``, ``kve sample --ckpt_path`` or ``--pipeline``) refuses a folder whose manifest differs from its own, so one
+folder never mixes images of different models or settings, and it can skip the seeds whose PNG is already there: an
+interrupted run resumes where it stopped, whichever entry point wrote the folder.
 """
 
 from __future__ import annotations
@@ -138,16 +139,24 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def sample_manifest(denoiser: torch.nn.Module, settings: SamplerSettings) -> dict[str, Any]:
+def sample_manifest(denoiser: torch.nn.Module, settings: SamplerSettings, labels: dict[int, int] | None = None,
+                    guide: torch.nn.Module | None = None) -> dict[str, Any]:
     """The identity of a sample folder's images: the denoiser's UNet weights, image size and channels, its
     preconditioning (``precond`` and ``sigma_data``, for "edm" only: a VE folder's manifest is that of earlier
     versions), and the sampler settings that change images with the NFE spent per image
-    (``SamplerSettings.manifest``: Algorithm 2 with none of the later solvers' settings, as in earlier versions)."""
+    (``SamplerSettings.manifest``: Algorithm 2 with none of the later solvers' settings, and without guidance the
+    guidance settings, as in earlier versions). ``labels`` (seed -> class) are recorded as one label when every
+    seed has the same (more seeds of that class may join the folder later), else as the whole map; ``guide``'s UNet
+    weights when it guides."""
     unet = denoiser.unet
     precond = {"precond": denoiser.precond, "sigma_data": denoiser.sigma_data} if denoiser.precond != "ve" else {}
+    guiding = settings.guidance_scale != 1
+    classes = {} if labels is None else {"labels": next(iter(set(labels.values()))) if len(set(labels.values())) == 1
+                                         else {str(seed): label for seed, label in sorted(labels.items())}}
+    guided_by = {"guide_weights_sha256": weights_sha256(guide.unet)} if guiding and guide is not None else {}
     return {"kve_lightning_samples": 1, "weights_sha256": weights_sha256(unet),
             "image_size": int(unet.config.sample_size), "channels": int(unet.config.in_channels), **precond,
-            "sampler": dict(sorted(settings.manifest().items()))}
+            **classes, **guided_by, "sampler": dict(sorted(settings.manifest().items()))}
 
 
 def _flatten(manifest: dict[str, Any]) -> dict[str, Any]:

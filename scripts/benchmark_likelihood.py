@@ -37,8 +37,8 @@ def main() -> None:
     data = DataSource().data_module(model, held_out=True)  # the checkpoint's own data settings and split
     data.setup("fit")
     levels, w = data.levels, 2 / (data.levels - 1)
-    test = torch.stack([data.val_set[i] for i in range(len(data.val_set))])
-    train = torch.stack([data.train_set[i] for i in range(len(data.train_set))])
+    test = torch.stack([data.val_set[i][0] for i in range(len(data.val_set))])
+    train = torch.stack([data.train_set[i][0] for i in range(len(data.train_set))])
     d = test[0].numel()
 
     rows = {}

@@ -55,7 +55,7 @@ def bits_per_dim(ckpt: str, ode_steps: int) -> tuple[float, float]:
     model = load_model(ckpt, None, torch.device("cpu"))
     data = DataSource().data_module(model, held_out=True)
     data.setup("fit")
-    test = torch.stack([data.val_set[i] for i in range(len(data.val_set))])
+    test = torch.stack([data.val_set[i][0] for i in range(len(data.val_set))])  # (image, label) items
     bpd = bits_per_dim_per_image(model.denoiser, test, data.levels, generator=index_generators(range(len(test))),
                                  steps=ode_steps, num_probes=1, sigma_min=model.trained[0],
                                  sigma_max=model.trained[1])

@@ -70,7 +70,7 @@ def run_plain(config: Path, steps: int, warmup: int, batch_size: int | None, var
     module.train()
     step, start = 0, None
     while step < steps:
-        for y in data.train_dataloader():
+        for y, _ in data.train_dataloader():
             if step == warmup:
                 start = time.perf_counter()
             loss = module.training_loss(y)[0].mean()

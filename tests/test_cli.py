@@ -126,6 +126,7 @@ def test_predict_applies_sampler_flags_over_the_checkpoint(trained_run, tmp_path
 
     stored = SamplerSettings.from_mapping(hparams).to_dict()
     del stored["extrapolate"]  # changes no image: not in the manifest
+    assert not [name for name in stored if "guidance" in name]  # no guidance (w = 1): as earlier versions wrote
     assert predict(tmp_path / "flags", "--model.num_steps=3", "--model.s_churn=0") == stored | {
         "num_steps": 3, "s_churn": 0.0}
     assert predict(tmp_path / "churn", "--model.s_churn=0") == stored | {"s_churn": 0.0}  # 4 steps, as trained
@@ -206,7 +207,7 @@ def test_every_model_data_writer_and_callback_option_explains_itself(subcommand)
                                    "--sample_grid.size", "--fid.every_n_epochs", "--seeds", "--out"} <= set(options)
     assert [k for k, v in options.items() if not v] == []
     for choice in ("{ve,edm}", "{heun,euler,dpmpp_2m_sde,restart,dpmpp_2m,ipndm}",
-                   "{digits,mnist,fashion_mnist,cifar10,folder}", "{digits,inception}"):
+                   "{digits,mnist5k,mnist,fashion_mnist,cifar10,folder}", "{digits,inception}"):
         assert choice in proc.stdout
 
 

@@ -22,12 +22,13 @@ def test_digits_in_range_with_deterministic_split():
     dm = ImageDataModule(image_size=16, channels=3, batch_size=32)
     dm.setup("fit")
     assert len(dm.train_set) + len(dm.val_set) == 1797
-    x = next(iter(dm.train_dataloader()))
+    x, labels = next(iter(dm.train_dataloader()))
+    assert labels.shape == (32,) and labels.dtype == torch.long
     assert x.shape == (32, 3, 16, 16) and x.min() >= -1 and x.max() <= 1 and x.min() < -0.9 and x.max() > 0.9
     other = ImageDataModule(image_size=16, channels=3)
     other.setup("fit")
     assert dm.val_set.indices == other.val_set.indices
-    assert torch.equal(next(iter(dm.val_dataloader()))[:8], next(iter(other.val_dataloader()))[:8])
+    assert torch.equal(next(iter(dm.val_dataloader()))[0][:8], next(iter(other.val_dataloader()))[0][:8])
 
 
 def test_folder_dataset_recursive_and_converted(tmp_path):
@@ -39,7 +40,8 @@ def test_folder_dataset_recursive_and_converted(tmp_path):
                          batch_size=2)
     dm.setup("fit")
     assert len(dm.train_set) == 4 and len(dm.val_set) == 1
-    x = dm.train_set[0]
+    x, label = dm.train_set[0]
+    assert label == 0 and dm.class_names() == ("a",)  # every image lies in a/ (at any depth): one class
     assert x.shape == (1, 8, 8) and -1 <= x.min() and x.max() <= 1
 
 
@@ -72,7 +74,7 @@ def test_training_order_depends_on_the_stored_seed_and_epoch_only():
         loader = dm.train_dataloader()
         loader.sampler.set_epoch(epoch)
         torch.rand(7)  # the global generator's state does not matter
-        return torch.cat(list(loader)[:2])
+        return torch.cat([images for images, _ in list(loader)[:2]])
 
     torch.manual_seed(1)
     first = ImageDataModule(batch_size=16)

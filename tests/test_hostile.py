@@ -176,7 +176,7 @@ def test_folder_images_of_every_depth_and_mode_load_as_their_values(tmp_path):
     Image.fromarray((levels * 255).round().astype(np.uint8)).convert("P").save(tmp_path / "d_palette.png")
     assert Image.open(tmp_path / "a16.png").mode.startswith("I")
     data = ImageDataModule(dataset="folder", root=str(tmp_path), image_size=8, channels=1)
-    images = [data.full_dataset()[i] for i in range(4)]
+    images = [data.full_dataset()[i][0] for i in range(4)]
     expected = torch.from_numpy(levels).float()[None] * 2 - 1
     for image in images:  # 8-bit rounding: within half a level of 2 / 255
         torch.testing.assert_close(image, expected, rtol=0, atol=1 / 255 + 1e-6)

@@ -99,7 +99,7 @@ def test_4_held_out_images_are_the_checkpoints_own(seed7_run, tmp_path, capsys):
     seed7.setup("fit")
     known = parse_mask("bottom", 8)[0, 0]
     completed = np.array(Image.open(tmp_path / "i" / "00001_000000.png"))
-    assert np.array_equal(completed[known.numpy()], np.round((seed7.val_set[1][0][known] + 1) * 127.5).numpy())
+    assert np.array_equal(completed[known.numpy()], np.round((seed7.val_set[1][0][0][known] + 1) * 127.5).numpy())
     for command in (["likelihood", "--n=1", "--ode_steps=1", f"--out={tmp_path / 'x.json'}"],
                     ["inpaint", "--n=1", "--mask=bottom", f"--out={tmp_path / 'x'}"]):
         assert_refused(lambda: cli_main([*command, f"--ckpt_path={seed7_run}", "--data.split_seed=0"]), capsys,

@@ -158,7 +158,7 @@ def test_kve_inpaint_keeps_the_known_pixels_and_resumes_to_the_same_bytes(traine
     data.setup("fit")
     known = parse_mask("bottom", 8)[0]
     for i in range(3):
-        original = torch.from_numpy(np.array(to_pil(to_unit(data.val_set[i])), copy=True))[None]
+        original = torch.from_numpy(np.array(to_pil(to_unit(data.val_set[i][0])), copy=True))[None]
         completions = [read_png(tmp_path / "a" / f"{i:05d}_{s:06d}.png") for s in (0, 1)]
         assert all(torch.equal(c[known], original[known]) for c in completions)
         assert not torch.equal(completions[0], completions[1])
@@ -206,7 +206,7 @@ def test_the_validation_grid_is_kve_inpaints_grid(trained_run, tmp_path):
     inpaint("--ckpt_path", ckpt, "--n", 3, "--mask", "bottom", "--seeds", "0-1", "--out", tmp_path)
     data = ImageDataModule()
     data.setup("fit")
-    originals = torch.stack([data.val_set[i] for i in range(3)])
+    originals = torch.stack([data.val_set[i][0] for i in range(3)])
     grid = InpaintingGrid(images=3, completions=2, mask="bottom").images(KarrasVeModule.from_checkpoint(ckpt),
                                                                         originals)
     written = read_png(tmp_path / "grid.png").float() / 255

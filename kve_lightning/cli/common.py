@@ -31,7 +31,7 @@ PARSER_MODE = "kve"  # jsonargparse's YAML, refusing duplicate keys
 FIT_SECTIONS = frozenset({"seed_everything", "trainer", "data", "optimizer", "lr_scheduler", "writer", "sample_grid",
                           "inpaint_grid", "fid", "bpd"})
 # `kve predict`'s keys in a `kve fit` config: `kve sample`'s too, meaning the same; the others' own differ
-PREDICT_KEYS = frozenset({"seeds", "out", "grid", "skip_existing"})
+PREDICT_KEYS = frozenset({"seeds", "labels", "out", "grid", "skip_existing"})
 
 
 class ConfigError(yaml.YAMLError):
@@ -216,16 +216,25 @@ def run_command(name: str, argv: list[str]) -> None:
 
 @dataclass
 class Model:
-    """A trained model as the commands use it: ``sample(seeds, settings)`` -> images [B, C, H, W] in [0, 1] (the same
-    from a checkpoint and its export), its stored sampler settings, its denoiser (frozen, EMA weights), the noise range
-    it was trained on, and where it came from."""
+    """A trained model as the commands use it: ``sample(seeds, settings, labels)`` -> images [B, C, H, W] in [0, 1]
+    (the same from a checkpoint and its export; ``labels``: one class per seed, or ``None``), its stored sampler
+    settings, its denoiser (frozen, EMA weights), the noise range it was trained on, where it came from, and the
+    guide of autoguidance (``guide_ckpt_path``), if any."""
 
-    sample: Callable[[list[int], SamplerSettings], torch.Tensor]
+    sample: Callable[[list[int], SamplerSettings, list[int] | None], torch.Tensor]
     settings: SamplerSettings
     denoiser: VEDenoiser
     trained: tuple[float, float]
     source: str
     datamodule: dict[str, Any]
+    guide: VEDenoiser | None = None
+
+    def manifest(self, settings: SamplerSettings, labels: dict[int, int] | None = None) -> dict[str, Any]:
+        """The sample folder manifest of these weights, ``settings`` and seed -> label ``labels``
+        (``sample_manifest``)."""
+        from kve_lightning.storage import sample_manifest
+
+        return sample_manifest(self.denoiser, settings, labels, self.guide)
 
     def settings_with(self, overrides: dict[str, Any]) -> SamplerSettings:
         """The stored settings with ``overrides``, refused outside the trained noise range."""
@@ -242,9 +251,11 @@ class Model:
         return int(self.denoiser.unet.config.in_channels)
 
 
-def load_model(ckpt_path: str | None, pipeline: str | None, device: torch.device) -> Model:
+def load_model(ckpt_path: str | None, pipeline: str | None, device: torch.device,
+               guide_ckpt_path: str | None = None) -> Model:
     """The model of exactly one of ``ckpt_path`` (a `kve fit` checkpoint, read weights-only) and ``pipeline`` (a
-    folder written by `kve export`: safetensors and JSON), on ``device``."""
+    folder written by `kve export`: safetensors and JSON), on ``device``, with the guide ``guide_ckpt_path`` (a
+    checkpoint) if given."""
     from kve_lightning.interop.checkpoint import read_checkpoint
     from kve_lightning.lit.module import KarrasVeModule
     from kve_lightning.storage import to_unit
@@ -255,14 +266,26 @@ def load_model(ckpt_path: str | None, pipeline: str | None, device: torch.device
     if "://" in str(ckpt_path or pipeline):
         raise ValueError(f"{bounded_repr(str(ckpt_path or pipeline))}: kve reads local files only (a checkpoint is a "
                          f"pickle: download it, check its origin, then pass its path)")
+    if "://" in str(guide_ckpt_path):
+        raise ValueError(f"--guide_ckpt_path {bounded_repr(str(guide_ckpt_path))}: kve reads local files only")
     if ckpt_path is not None:
-        module = KarrasVeModule.from_checkpoint(ckpt_path).to(device)
+        guide = {} if guide_ckpt_path is None else {"guide_ckpt_path": guide_ckpt_path}
+        module = KarrasVeModule.from_checkpoint(ckpt_path, **guide).to(device)
         datamodule = dict(read_checkpoint(ckpt_path).get("datamodule_hyper_parameters") or {})
-        return Model(lambda seeds, s: to_unit(module.sample(seeds, **s.to_dict())), module.sampler,
-                     module.denoiser.requires_grad_(False), module.train_sigmas, str(ckpt_path), datamodule)
+        return Model(lambda seeds, s, labels=None: to_unit(module.sample(seeds, labels=labels, **s.to_dict())),
+                     module.sampler, module.denoiser.requires_grad_(False), module.train_sigmas, str(ckpt_path),
+                     datamodule, module.guide)
     pipe = load_pipeline(pipeline, device)
-    return Model(lambda seeds, s: pipe(seeds=seeds, output_type="pt", **s.to_dict()).images, pipe.scheduler.settings,
-                 pipe.scheduler.denoiser(pipe.unet).requires_grad_(False), pipe.scheduler.trained, str(pipeline), {})
+    denoiser = pipe.scheduler.denoiser(pipe.unet).requires_grad_(False)
+    guide = None
+    if guide_ckpt_path is not None:
+        from kve_lightning.guidance import check_guide
+
+        guide = KarrasVeModule.from_checkpoint(guide_ckpt_path).denoiser.requires_grad_(False).to(device)
+        check_guide(denoiser, guide, str(guide_ckpt_path))
+    return Model(lambda seeds, s, labels=None: pipe(seeds=seeds, output_type="pt", class_labels=labels, guide=guide,
+                                                    **s.to_dict()).images,
+                 pipe.scheduler.settings, denoiser, pipe.scheduler.trained, str(pipeline), {}, guide)
 
 
 def load_pipeline(folder: str | Path, device: torch.device):

@@ -45,7 +45,8 @@ from kve_lightning.lit.writer import PNGWriter
 # validation logs the sample grid, the inpainting grid, FID and bits/dim (the last two off by default)
 CALLBACKS = {"writer": PNGWriter, "sample_grid": SampleGrid, "inpaint_grid": InpaintingGrid, "fid": FID,
              "bpd": BitsPerDim}
-FIXED = ("image_size", "channels", "unet", "train_sigma_min", "train_sigma_max")  # a checkpoint's, never overridden
+# a checkpoint's, never overridden
+FIXED = ("image_size", "channels", "unet", "train_sigma_min", "train_sigma_max", "num_classes")
 
 
 class KveCLI(LightningCLI):
@@ -78,11 +79,14 @@ class KveCLI(LightningCLI):
         # the names kve sample gives the same settings of its sample folder
         parser.add_argument("--seeds", default="0-63", help='the seeds `kve predict` samples, one image each: "0-63", '
                                                              '"0-9,20"')
+        parser.add_argument("--labels", default=None, help='the class `kve predict` samples for each seed of a '
+                            'conditional model: one label for every seed ("3") or one per seed ("0-9", "3,1,4")')
         parser.add_argument("--out", default="samples", help="the folder `kve predict` writes its PNGs to")
         parser.add_argument("--grid", type=bool, default=True, help="`kve predict` also writes grid.png")
         parser.add_argument("--skip_existing", type=bool, default=True,
                             help="`kve predict` leaves out the seeds whose PNG is already in --out")
-        for name, target in (("seeds", "data.predict_seeds"), ("out", "writer.output_dir"), ("grid", "writer.grid"),
+        for name, target in (("seeds", "data.predict_seeds"), ("labels", "data.predict_labels"),
+                             ("out", "writer.output_dir"), ("grid", "writer.grid"),
                              ("skip_existing", "writer.skip_existing")):
             parser.link_arguments(name, target)
 
@@ -134,7 +138,9 @@ class KveCLI(LightningCLI):
         """Done in ``parse_arguments``: LightningCLI's own would let the checkpoint override the flags."""
 
     def predict(self, **kwargs) -> None:
-        """Predictions go to disk batch by batch; none are kept in memory unless asked for."""
+        """Predictions go to disk batch by batch; none are kept in memory unless asked for. Labels and guidance the
+        model cannot take are refused first, before anything is written."""
+        self.model.sampling_denoiser(self.model.sampler, self.datamodule.labels)
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
         self.trainer.predict(**kwargs)

@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from kve_lightning.cli.common import DataSource, at_least, check_outputs, load_model, parse_device, writable_file
-from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
+from kve_lightning.likelihood import (bits_per_dim_per_image, class_bits_per_dim, classify, index_generators,
+                                      mean_and_stderr, with_labels)
 from kve_lightning.sampling import MAX_STEPS
 from kve_lightning.storage import save_atomic
 
@@ -29,11 +30,16 @@ uniformly inside its bin of the data's quantization (17 levels for digits, 256 o
 integrated over the model's trained noise range with RK4 in ln(sigma) and Hutchinson's divergence estimate
 (kve_lightning/likelihood.py); the report gives bits/dim with its standard error over images, the NFE per image and
 the wall time. `kve test` computes the same on the held-out split with Lightning.
+
+A conditional model gives log p(x | c) with each image's own label, and the report adds bits/dim per class; with
+--classify true it is also a generative classifier, argmax_c log p(x | c) + log p(c) (p(c) uniform), and the
+report gives its accuracy (K ODE solves per image, the same dequantization and probes for every class).
 """
 
 def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, data: DataSource = DataSource(),
         split: Literal["val", "all"] = "val", n: int | None = None, probes: int = 1, ode_steps: int = 64,
-        batch_size: int = 64, device: str | None = None, overwrite: bool = False) -> None:
+        batch_size: int = 64, device: str | None = None, overwrite: bool = False, classify_images: bool = False
+        ) -> None:
     """Write the bits/dim report of a split to ``out``.
 
     Args:
@@ -48,6 +54,7 @@ def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, dat
         batch_size: images integrated at once.
         device: the torch device (default: cuda if available, else cpu).
         overwrite: replace an existing ``out``.
+        classify_images: a conditional model's generative-classifier accuracy too (K times the NFE).
     """
     for flag, value in (("--probes", probes), ("--ode_steps", ode_steps), ("--batch_size", batch_size),
                         ("--n", 1 if n is None else n)):
@@ -64,15 +71,25 @@ def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, dat
         module.setup("fit")
     images = module.val_set if split == "val" else module.full_dataset()
     count = len(images) if n is None else min(n, len(images))
-    values = []
+    num_classes = trained.denoiser.num_classes
+    if classify_images and not num_classes:
+        raise ValueError("--classify_images true needs a conditional model; this one has num_classes=0")
+    values, labels, predicted = [], [], []
     start = time.perf_counter()
     with tqdm(total=count, unit="img", desc="bits/dim") as bar:
         for first in range(0, count, batch_size):
             index = list(range(first, min(first + batch_size, count)))
-            batch = torch.stack([images[i] for i in index]).to(where)
-            values.append(bits_per_dim_per_image(
-                trained.denoiser, batch, module.levels, generator=index_generators(index), steps=ode_steps,
-                num_probes=probes, sigma_min=trained.trained[0], sigma_max=trained.trained[1]))
+            batch = torch.stack([images[i][0] for i in index]).to(where)
+            batch_labels = torch.tensor([int(images[i][1]) for i in index]) if num_classes else None
+            ode = dict(steps=ode_steps, num_probes=probes, sigma_min=trained.trained[0], sigma_max=trained.trained[1])
+            if classify_images:
+                per_class = class_bits_per_dim(trained.denoiser, batch, module.levels, index, num_classes, **ode)
+                values.append(per_class.gather(1, batch_labels[:, None])[:, 0])
+                predicted.append(classify(per_class, batch[0].numel()))
+            else:
+                values.append(bits_per_dim_per_image(with_labels(trained.denoiser, batch_labels), batch, module.levels,
+                                                     generator=index_generators(index), **ode))
+            labels.append(batch_labels)
             bar.update(len(index))
     wall = time.perf_counter() - start
     mean, stderr = mean_and_stderr(torch.cat(values))
@@ -83,7 +100,16 @@ def run(out: str, ckpt_path: str | None = None, pipeline: str | None = None, dat
               "nfe_per_image": 4 * ode_steps, "wall_seconds": round(wall, 3),
               "seconds_per_image": round(wall / count, 4), "sigma_min": trained.trained[0],
               "sigma_max": trained.trained[1], "model": trained.source}
+    if num_classes:
+        labels, bpd = torch.cat(labels), torch.cat(values)
+        report["bits_per_dim_per_class"] = {str(c): mean_and_stderr(bpd[labels == c])[0]
+                                            for c in range(num_classes) if (labels == c).any()}
+        report["conditional"] = "log p(x | c), each image with its own label"
+    if classify_images:
+        report["classifier_accuracy"] = (torch.cat(predicted) == labels).double().mean().item()
+        report["nfe_per_image"] = 4 * ode_steps * num_classes
     payload = (json.dumps(report, indent=2) + "\n").encode()
     save_atomic(path, lambda f: f.write(payload))
-    print(f"{mean:.4f} +- {stderr:.4f} bits/dim over {count} images ({4 * ode_steps} NFE each, {wall:.1f} s): "
-          f"{path}", file=sys.stderr)
+    accuracy = f", classifier accuracy {report['classifier_accuracy']:.3f}" if classify_images else ""
+    print(f"{mean:.4f} +- {stderr:.4f} bits/dim over {count} images{accuracy} ({report['nfe_per_image']} NFE each, "
+          f"{wall:.1f} s): {path}", file=sys.stderr)

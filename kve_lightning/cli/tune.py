@@ -104,7 +104,8 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
         raise ValueError(str(err)) from None
     real = data.data_module(trained, held_out=False).full_dataset()
     with torch.no_grad():
-        real_images = torch.cat(list(tqdm(DataLoader(real, batch_size=batch_size), desc="real images", unit="batch")))
+        real_images = torch.cat([images for images, _ in tqdm(DataLoader(real, batch_size=batch_size),
+                                                              desc="real images", unit="batch")])
         real_features = torch.cat([net(batch.to(device)).double().cpu() for batch in real_images.split(batch_size)])
     pixel_fd = PixelFD(real_images, n)
     scorers = (Scorer.from_real(real_features, n, bootstrap, seed),

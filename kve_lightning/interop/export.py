@@ -25,7 +25,8 @@ def module_pipeline(module: KarrasVeModule, **overrides: Any) -> KarrasVeLightni
     settings.check_trained_range(*module.train_sigmas)
     scheduler = KarrasVeLightningScheduler(**settings.to_dict(), train_sigma_min=module.train_sigmas[0],
                                            train_sigma_max=module.train_sigmas[1], precond=module.denoiser.precond,
-                                           sigma_data=module.denoiser.sigma_data)
+                                           sigma_data=module.denoiser.sigma_data,
+                                           class_names=list(module.hparams.get("class_names") or ()))
     return KarrasVeLightningPipeline(unet=module.denoiser.unet, scheduler=scheduler)
 
 

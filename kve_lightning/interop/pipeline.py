@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from kve_lightning.interop.checkpoint import check_finite
 from kve_lightning.denoiser import PRECONDS, SIGMA_DATA, VEDenoiser
+from kve_lightning.guidance import guided
 from kve_lightning.storage import to_unit
 from kve_lightning.sampling import SamplerSettings, sample_karras_ve
 
@@ -54,10 +55,12 @@ class KarrasVeLightningScheduler(SchedulerMixin, ConfigMixin):
     """The ``SamplerSettings`` of EDM Algorithm 2 as a diffusers config (``scheduler_config.json``), one key per
     setting, and the noise range the UNet was trained on (``train_sigma_min``, ``train_sigma_max``; an export of
     before they were stored was trained on its sampler's); a bad setting fails on load, not on use. ``num_steps`` is
-    the default of a pipeline call's ``num_inference_steps``. No ``step()``: the pipeline runs the whole sampler."""
+    the default of a pipeline call's ``num_inference_steps``. ``class_names``: a conditional UNet's classes, label k
+    naming class k. No ``step()``: the pipeline runs the whole sampler."""
 
     def __init__(self, train_sigma_min: float | None = None, train_sigma_max: float | None = None,
-                 precond: str = "ve", sigma_data: float = SIGMA_DATA, **settings: Any):
+                 precond: str = "ve", sigma_data: float = SIGMA_DATA, class_names: Sequence[str] = (),
+                 **settings: Any):
         self.settings = SamplerSettings(**settings)
         self.trained = (self.settings.sigma_min if train_sigma_min is None else float(train_sigma_min),
                         self.settings.sigma_max if train_sigma_max is None else float(train_sigma_max))
@@ -65,8 +68,10 @@ class KarrasVeLightningScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"need precond in {PRECONDS} and sigma_data > 0, got precond={precond!r}, "
                              f"sigma_data={sigma_data!r}")
         self.precond, self.sigma_data = precond, float(sigma_data)
+        self.class_names = [str(name) for name in class_names]
         self.register_to_config(**self.settings.to_dict(), train_sigma_min=self.trained[0],
-                                train_sigma_max=self.trained[1], precond=precond, sigma_data=self.sigma_data)
+                                train_sigma_max=self.trained[1], precond=precond, sigma_data=self.sigma_data,
+                                class_names=self.class_names)
 
     def denoiser(self, unet: UNet2DModel) -> VEDenoiser:
         """D(x; sigma) of ``unet`` with the preconditioning it was trained with."""
@@ -79,15 +84,19 @@ KarrasVeLightningScheduler.__init__.__signature__ = inspect.Signature(
     + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
        for name in ("train_sigma_min", "train_sigma_max")]
     + [inspect.Parameter("precond", inspect.Parameter.KEYWORD_ONLY, default="ve"),
-       inspect.Parameter("sigma_data", inspect.Parameter.KEYWORD_ONLY, default=SIGMA_DATA)]
+       inspect.Parameter("sigma_data", inspect.Parameter.KEYWORD_ONLY, default=SIGMA_DATA),
+       inspect.Parameter("class_names", inspect.Parameter.KEYWORD_ONLY, default=())]
     + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields(SamplerSettings)])
 
 
 class KarrasVeLightningPipeline(DiffusionPipeline):
-    """Unconditional generation with EDM's stochastic sampler (Algorithm 2, VE column of Table 1).
+    """Generation with EDM's stochastic sampler (Algorithm 2, VE column of Table 1), unconditional or
+    class-conditional (``class_labels=``), guided (``guidance_scale=``: classifier-free, or autoguidance with
+    ``guide=``).
 
     Args:
-        unet: a ``UNet2DModel`` with ``time_embedding_type="fourier"`` (any ``in_channels``).
+        unet: a ``UNet2DModel`` with ``time_embedding_type="fourier"`` (any ``in_channels``; ``num_class_embeds`` K +
+            1 for K classes, the last the null class).
         scheduler: a ``KarrasVeLightningScheduler`` holding the sampler's settings.
     """
 
@@ -150,6 +159,8 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
         return_dict: bool = True,
         *,
         seeds: Sequence[int] | None = None,
+        class_labels: Sequence[int] | torch.Tensor | None = None,
+        guide: VEDenoiser | None = None,
         **overrides: Any,
     ) -> ImagePipelineOutput | tuple:
         """``batch_size`` images in [0, 1] (``output_type`` "pil", "np" [B, H, W, C] float32, or "pt" [B, C, H, W]).
@@ -157,7 +168,9 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
         ``seeds``: one image per seed, each from ``torch.Generator().manual_seed(seed)``, the same images as
         ``KarrasVeModule.sample(seeds)``; it replaces ``generator`` and sets the batch size. ``num_inference_steps``
         is N (NFE = 2N - 1 with Heun; ``None``: the scheduler's ``num_steps``); the other keywords are
-        ``SamplerSettings`` fields that override the scheduler's settings for this call.
+        ``SamplerSettings`` fields that override the scheduler's settings for this call, ``guidance_scale`` and the
+        guidance interval among them. ``class_labels``: one class per image for a conditional UNet (``None``: the
+        null class); ``guide``: the weaker denoiser of autoguidance (``kve_lightning.guidance``).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
@@ -167,8 +180,11 @@ class KarrasVeLightningPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else size
         shape = (batch_size, self.unet.config.in_channels, height, width)
+        if class_labels is not None and len(class_labels) != batch_size:
+            raise ValueError(f"{len(class_labels)} class_labels for a batch of {batch_size}: give one per image")
+        denoiser, settings = guided(self.scheduler.denoiser(self.unet), settings, class_labels, guide)
         with self.progress_bar(total=settings.num_steps) as bar:
-            x = sample_karras_ve(self.scheduler.denoiser(self.unet), shape, settings=settings, generator=generator,
+            x = sample_karras_ve(denoiser, shape, settings=settings, generator=generator,
                                  device=self.device, dtype=self.unet.dtype, callback=lambda *_: bar.update())
         images = _to_output(to_unit(x), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -35,7 +35,7 @@ def _at_least(name: str, value: int, low: int) -> None:
 def held_out_images(trainer: L.Trainer, count: int) -> torch.Tensor:
     """The first ``count`` images of the data module's held-out split, [N, C, H, W] in [-1, 1]."""
     held_out = trainer.datamodule.val_set
-    return torch.stack([held_out[i] for i in range(min(count, len(held_out)))])
+    return torch.stack([held_out[i][0] for i in range(min(count, len(held_out)))])
 
 
 class Evaluation(Callback):
@@ -71,7 +71,9 @@ class Evaluation(Callback):
 
 class SampleGrid(Evaluation):
     """Logs ``samples/grid`` (``size`` samples, seeds ``seed``, ``seed`` + 1, ...) and ``samples/trajectory`` (x_hat
-    and D(x_hat) at ``trajectory_cols`` steps for the first ``trajectory_rows`` of them) to TensorBoard.
+    and D(x_hat) at ``trajectory_cols`` steps for the first ``trajectory_rows`` of them) to TensorBoard. A
+    conditional model's grid has one row per class, ``size`` // K samples each (at least one), the same seeds in
+    every row.
 
     Args:
         size: samples in the grid (0: none).
@@ -98,8 +100,16 @@ class SampleGrid(Evaluation):
             if i in keep:
                 frames.append((x_hat[:self.rows].clone(), denoised[:self.rows].clone()))
 
-        samples = pl_module.sample(range(self.seed, self.seed + self.size), callback=record)
-        grid = make_grid(to_unit(samples), nrow=math.ceil(math.sqrt(self.size)), padding=1)
+        classes = pl_module.hparams.get("num_classes", 0)
+        if classes:
+            per_class = max(1, self.size // classes)
+            seeds = [self.seed + j for _ in range(classes) for j in range(per_class)]
+            samples = pl_module.sample(seeds, callback=record, labels=[c for c in range(classes) for _ in
+                                                                       range(per_class)])
+            grid = make_grid(to_unit(samples), nrow=per_class, padding=1)
+        else:
+            samples = pl_module.sample(range(self.seed, self.seed + self.size), callback=record)
+            grid = make_grid(to_unit(samples), nrow=math.ceil(math.sqrt(self.size)), padding=1)
         # rows: x_hat of sample 0, denoised of sample 0, x_hat of sample 1, ...; columns: steps
         strip = torch.stack([torch.stack([f[j][r] for f in frames]) for r in range(self.rows) for j in (0, 1)])
         return grid, make_grid(to_unit(strip.flatten(0, 1)), nrow=len(frames), padding=1)
@@ -174,7 +184,8 @@ class FID(Evaluation):
         if self._metric is None:
             train = trainer.datamodule.train_set
             train = train.dataset if isinstance(train, FlipDataset) else train  # no random flips: no global RNG use
-            real = torch.cat(list(DataLoader(train, batch_size=512, generator=torch.Generator())))
+            loader = DataLoader(train, batch_size=512, generator=torch.Generator())
+            real = torch.cat([images for images, _ in loader])
             self._metric = build_fid(real, self.features, device=pl_module.device)
             self._pixels = PixelFD(real, self.num_samples)
         self._metric.reset()

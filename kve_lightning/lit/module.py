@@ -16,9 +16,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from kve_lightning.interop.checkpoint import read_checkpoint
 from kve_lightning.denoiser import (SIGMA_DATA, LossWeight, Precond, SigmaDist, VEDenoiser, dsm_loss, sample_sigmas,
                                     unet_config)
+from kve_lightning.guidance import check_guide, check_labels, guided
 from kve_lightning.lit.ema import EMA, PostHocEMA
 from kve_lightning.storage import to_unit
-from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr
+from kve_lightning.likelihood import bits_per_dim_per_image, index_generators, mean_and_stderr, with_labels
 
 from kve_lightning.rng import get_rng_states, set_rng_states
 from kve_lightning.sampling import MAX_SIGMA, SamplerSettings, sample_karras_ve
@@ -33,11 +34,13 @@ def checkpoint_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     ones dropped; a checkpoint of before the training range was stored apart was trained on its sampler's."""
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_") and k not in RETIRED}
     return {"train_sigma_min": hparams.get("sigma_min", SamplerSettings.sigma_min),
-            "train_sigma_max": hparams.get("sigma_max", SamplerSettings.sigma_max)} | hparams
+            "train_sigma_max": hparams.get("sigma_max", SamplerSettings.sigma_max), "num_classes": 0} | hparams
 
 
 class KarrasVeModule(L.LightningModule):
-    """A VE score model trained by denoising score matching over log-uniform sigmas, sampled with EDM Algorithm 2.
+    """A VE score model trained by denoising score matching over log-uniform sigmas, sampled with EDM Algorithm 2;
+    class-conditional with ``num_classes`` > 0, guided (classifier-free guidance, autoguidance) by the
+    ``guidance_*`` sampler settings (``kve_lightning.guidance``).
 
     Args:
         image_size: the images' height and width in pixels (the CLI takes it from ``--data.image_size``).
@@ -79,6 +82,14 @@ class KarrasVeModule(L.LightningModule):
         train_sigma_min: the bottom of the training noise range (default: ``sigma_min``); the model's own once trained,
             stored in its checkpoint, and a sampler reaching below it is refused (``SamplerSettings.extrapolate``).
         train_sigma_max: the top of the training noise range (default: ``sigma_max``), likewise.
+        num_classes: K, the classes of a class-conditional model (0: unconditional; the data's labels are ignored).
+            The UNet gets ``num_class_embeds`` K + 1, index K being the null class of classifier-free guidance.
+        label_dropout: the probability that a training image's label is replaced by the null class (classifier-free
+            guidance; k-diffusion's ``cond_dropout_rate`` 0.1).
+        class_names: the names of the classes, label k naming class k (``kve fit`` takes the data's).
+        guide_ckpt_path: a checkpoint of a weaker model of the same data (an earlier checkpoint, a smaller UNet)
+            that guides sampling when ``guidance_scale`` != 1: autoguidance (Karras et al. 2024); without one a
+            conditional model guides with its null class.
         **sampler: the other fields of ``SamplerSettings``, at its defaults unless given. They are stored flat in
             the hyper-parameters and may change whenever a checkpoint is loaded; the training range may not.
     """
@@ -114,6 +125,10 @@ class KarrasVeModule(L.LightningModule):
         p_mean: float = -1.2,
         p_std: float = 1.2,
         loss_weight: LossWeight = "ve",
+        num_classes: int = 0,
+        label_dropout: float = 0.1,
+        class_names: Sequence[str] = (),
+        guide_ckpt_path: str | None = None,
         **sampler: Any,
     ):
         super().__init__()
@@ -152,7 +167,14 @@ class KarrasVeModule(L.LightningModule):
             raise ValueError(f"phema_every_n_steps must be >= 1, got phema_every_n_steps={phema_every_n_steps}")
         if phema_stds:
             PostHocEMA(phema_stds, phema_every_n_steps)  # checks the settings now, not when fitting starts
-        self.denoiser = VEDenoiser(UNet2DModel(**unet_config(image_size, channels, unet)), precond, sigma_data)
+        if not 0 <= label_dropout <= 1:
+            raise ValueError(f"label_dropout must be in [0, 1], got label_dropout={label_dropout!r}")
+        if class_names and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
+        self.denoiser = VEDenoiser(UNet2DModel(**unet_config(image_size, channels, unet, num_classes)), precond,
+                                   sigma_data)
+        # the guide is no part of this model: kept out of its state dict (a plain attribute, not a submodule)
+        self.__dict__["guide"] = None if guide_ckpt_path is None else self.load_guide(guide_ckpt_path)
         self._test_bpd: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.skipped_steps = 0
         self.consecutive_bad_steps = 0
@@ -160,20 +182,37 @@ class KarrasVeModule(L.LightningModule):
         self.val_sigmas = torch.logspace(math.log10(self.train_sigmas[0]), math.log10(self.train_sigmas[1]),
                                          val_num_sigmas).tolist()
 
+    def load_guide(self, path: str | Path) -> VEDenoiser:
+        """The EMA denoiser of the checkpoint ``path`` as this model's guide (``check_guide``), frozen."""
+        guide = KarrasVeModule.from_checkpoint(path, guide_ckpt_path=None)
+        check_guide(self.denoiser, guide.denoiser, str(path))
+        self.sampler.check_trained_range(*guide.train_sigmas)  # the guide was trained where it is called
+        return guide.denoiser.requires_grad_(False)
+
     @classmethod
-    def from_checkpoint(cls, ckpt: str | Path) -> KarrasVeModule:
+    def from_checkpoint(cls, ckpt: str | Path, **overrides: Any) -> KarrasVeModule:
         """The module a `kve fit` checkpoint holds (``read_checkpoint``: weights-only, checked), in eval mode; a
         ``ValueError`` naming the file if its hyper-parameters and weights do not make one."""
         checkpoint = read_checkpoint(ckpt)
         state, hparams = checkpoint["state_dict"], checkpoint["hyper_parameters"]
         try:
-            module = cls(**checkpoint_hparams(hparams))
+            module = cls(**checkpoint_hparams(hparams) | overrides)
             module.load_state_dict(state)
         except (TypeError, ValueError, RuntimeError) as err:  # hparams or weights of another model version
             raise ValueError(f"{str(ckpt)!r} does not match KarrasVeModule: {err}") from None
         return module.eval()
 
     def setup(self, stage: str) -> None:
+        """Fitting a conditional model keeps the data's class names with it (a ``ValueError`` if it has another
+        number of classes than ``num_classes``)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.hparams.num_classes and hasattr(datamodule, "class_names"):
+            names = datamodule.class_names()
+            if len(names) != self.hparams.num_classes:
+                why = "" if names else " (no class sub-folders)"
+                raise ValueError(f"num_classes={self.hparams.num_classes} but the data set "
+                                 f"{datamodule.hparams.dataset!r} has {len(names)} classes{why}")
+            self.hparams.class_names = list(names)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
         if self.hparams.channels_last:
@@ -184,22 +223,47 @@ class KarrasVeModule(L.LightningModule):
     def _memory_format(self, y: torch.Tensor) -> torch.Tensor:
         return y.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else y
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """D(x; sigma)."""
-        return self.denoiser(x, sigma)
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """D(x; sigma), or D(x; sigma, c) of a conditional model."""
+        return self.denoiser(x, sigma, class_labels)
+
+    def batch_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """The labels a batch trains or validates with: none for an unconditional model, else ``labels`` (a
+        ``ValueError`` for unlabelled images or a label >= num_classes)."""
+        if not self.hparams.num_classes:
+            return None
+        if labels is None or (labels < 0).any():
+            raise ValueError(f"num_classes={self.hparams.num_classes} needs labelled images; the data set has none "
+                             f"(a folder needs one sub-folder per class)")
+        check_labels(self.denoiser, labels)
+        return labels
+
+    @staticmethod
+    def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(images, labels) of a training or validation batch: an (image, label) pair of tensors, or images only."""
+        return (batch, None) if torch.is_tensor(batch) else (batch[0], batch[1])
 
     # ------------------------------------------------------------------ training
 
-    def training_loss(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_loss(self, y: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-sample losses [B] of a batch and their sigmas [B]: ``dsm_loss`` with the objective's weight at
-        sigmas of ``sigma_dist`` and noise eps ~ N(0, I), both from the global generator."""
+        sigmas of ``sigma_dist`` and noise eps ~ N(0, I), both from the global generator. A conditional model's
+        ``labels`` then become the null class with probability ``label_dropout`` (from the global generator too;
+        an unconditional model draws nothing more than before)."""
         hp = self.hparams
         sigma = sample_sigmas(y.shape[0], y.device, hp.sigma_dist, self.train_sigmas, hp.p_mean, hp.p_std)
-        return dsm_loss(self.denoiser, y, sigma, torch.randn_like(y), hp.loss_weight, hp.sigma_data), sigma
+        eps = torch.randn_like(y)
+        if labels is not None:
+            dropped = torch.rand(labels.shape, device=labels.device) < hp.label_dropout
+            labels = labels.masked_fill(dropped, hp.num_classes)
+        return dsm_loss(self.denoiser, y, sigma, eps, hp.loss_weight, hp.sigma_data, labels), sigma
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        y = self._memory_format(batch)
-        losses, sigma = self.training_loss(y)
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """``batch``: (images, labels), or images."""
+        images, labels = self.split_batch(batch)
+        y = self._memory_format(images)
+        losses, sigma = self.training_loss(y, self.batch_labels(labels))
         self._last_sigmas = (sigma.detach(), losses.detach())
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
@@ -247,37 +311,66 @@ class KarrasVeModule(L.LightningModule):
         self.skipped_steps = resume["skipped_steps"]
         self.consecutive_bad_steps = resume["consecutive_bad_steps"]
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> None:
         """The DSM loss with the VE weight 1 / sigma^2 at fixed sigmas with fixed noise, whatever the training
-        objective: comparable across epochs, runs and objectives."""
-        y = self._memory_format(batch)
+        objective: comparable across epochs, runs and objectives. A conditional model's is D(x; sigma, c) with the
+        images' own labels, also summed per class for ``on_validation_epoch_end``."""
+        images, labels = self.split_batch(batch)
+        labels = self.batch_labels(labels)
+        y = self._memory_format(images)
         g = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
         eps = torch.randn(y.shape, generator=g).to(y)
         losses = []
         for sigma in self.val_sigmas:
-            loss = dsm_loss(self.denoiser, y, torch.full((y.shape[0],), sigma, device=y.device), eps).mean()
-            self.log(f"val/loss_sigma_{sigma:.3g}", loss, batch_size=y.shape[0], sync_dist=True)
-            losses.append(loss)
-        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=y.shape[0], sync_dist=True)
+            per_image = dsm_loss(self.denoiser, y, torch.full((y.shape[0],), sigma, device=y.device), eps,
+                                 labels=labels)
+            self.log(f"val/loss_sigma_{sigma:.3g}", per_image.mean(), batch_size=y.shape[0], sync_dist=True)
+            losses.append(per_image)
+        per_image = torch.stack(losses).mean(0)
+        self.log("val/loss", per_image.mean(), prog_bar=True, batch_size=y.shape[0], sync_dist=True)
+        if labels is not None:
+            k = self.hparams.num_classes
+            self._val_class_loss += torch.zeros(k, device=y.device).index_add_(0, labels, per_image.float())
+            self._val_class_count += torch.bincount(labels, minlength=k)
+
+    def on_validation_epoch_start(self) -> None:
+        k = self.hparams.num_classes
+        self._val_class_loss = torch.zeros(k, device=self.device)
+        self._val_class_count = torch.zeros(k, dtype=torch.long, device=self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/loss_class_K`` of a conditional model: the mean validation loss of class K's held-out images, summed
+        over every rank."""
+        if not self.hparams.num_classes:
+            return
+        total = self.trainer.strategy.reduce(self._val_class_loss, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_class_count, reduce_op="sum")
+        for k in range(self.hparams.num_classes):
+            if count[k] > 0:
+                self.log(f"val/loss_class_{k}", (total[k] / count[k]).item())
 
     # ------------------------------------------------------------------ likelihood
 
-    def bits_per_dim(self, index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def bits_per_dim(self, index: torch.Tensor, images: torch.Tensor, labels: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """Bits/dim of each image (``likelihood.bits_per_dim_per_image``) at the data's quantization, its
         dequantization noise and probes from ``torch.Generator().manual_seed(index)``: an image's value depends on
-        its index in its split, not on its batch or rank."""
+        its index in its split, not on its batch or rank. A conditional model's is -log2 p(x | c) / d with the
+        images' ``labels`` (none: the null class)."""
         levels = getattr(self.trainer.datamodule, "levels", 256) if self._trainer is not None else 256
-        return bits_per_dim_per_image(self.denoiser, images, levels, generator=index_generators(index),
+        denoiser = with_labels(self.denoiser, self.batch_labels(labels) if labels is not None else None)
+        return bits_per_dim_per_image(denoiser, images, levels, generator=index_generators(index),
                                       steps=self.hparams.likelihood_steps, num_probes=self.hparams.likelihood_probes,
                                       sigma_min=self.train_sigmas[0], sigma_max=self.train_sigmas[1])
 
     def on_test_epoch_start(self) -> None:
         self._test_bpd = []
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """``batch``: (indices in the held-out split, images). Each rank integrates its own images, no collective."""
-        index, images = batch
-        self._test_bpd.append((index.cpu(), self.bits_per_dim(index, images)))
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        """``batch``: (indices in the held-out split, images, labels). Each rank integrates its own images, no
+        collective."""
+        index, images, labels = batch
+        self._test_bpd.append((index.cpu(), self.bits_per_dim(index, images, labels)))
 
     def on_test_epoch_end(self) -> None:
         """Gather every rank's (index, bpd) once, drop the duplicates a distributed sampler pads with, and log
@@ -293,25 +386,38 @@ class KarrasVeModule(L.LightningModule):
 
     # ------------------------------------------------------------------ sampling
 
+    def sampling_denoiser(self, settings, labels=None):
+        """The denoiser and settings of ``guided`` for this model, its guide (moved to this device) and ``labels``."""
+        if self.guide is not None:
+            self.guide.to(self.device)
+        return guided(self.denoiser, settings, labels, self.guide)
+
     @torch.no_grad()
-    def sample(self, seeds: torch.Tensor | Sequence[int], callback=None, **overrides: Any) -> torch.Tensor:
-        """One image per integer seed, each from its own ``torch.Generator``: an image depends only on its seed
-        and the sampler settings (the module's, with ``overrides`` of ``SamplerSettings`` fields), not on the batch
-        or rank. In [-1, 1] units, unclamped. No seeds (a predict batch whose images all exist), no images.
+    def sample(self, seeds: torch.Tensor | Sequence[int], callback=None, labels: Sequence[int] | None = None,
+               **overrides: Any) -> torch.Tensor:
+        """One image per integer seed, each from its own ``torch.Generator``: an image depends only on its seed,
+        its class label (``labels``, one per seed, for a conditional model; none: the null class) and the sampler
+        settings (the module's, with ``overrides`` of ``SamplerSettings`` fields, guidance included), not on the
+        batch or rank. In [-1, 1] units, unclamped. No seeds (a predict batch whose images all exist), no images.
         Settings that leave the trained noise range are refused (``SamplerSettings.check_trained_range``)."""
         hp = self.hparams
         seeds = [int(s) for s in seeds]
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         settings = self.sampler.replace(**overrides)
         settings.check_trained_range(*self.train_sigmas)
+        if labels is not None and len(labels) != len(seeds):
+            raise ValueError(f"{len(labels)} labels for {len(seeds)} seeds: give one label per seed")
+        denoiser, settings = self.sampling_denoiser(settings, labels)
         shape = (len(seeds), hp.channels, hp.image_size, hp.image_size)
         if not seeds:
             return torch.empty(shape, device=self.device)
-        return sample_karras_ve(self.denoiser, shape, settings=settings, generator=gens, device=self.device,
+        return sample_karras_ve(denoiser, shape, settings=settings, generator=gens, device=self.device,
                                 callback=callback)
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """``batch``: integer seeds [B]. Returns images in [0, 1], [B, C, H, W]."""
+        """``batch``: integer seeds [B], or (seed, label) rows [B, 2]. Returns images in [0, 1], [B, C, H, W]."""
+        if batch.ndim == 2:
+            return to_unit(self.sample(batch[:, 0], labels=batch[:, 1].tolist()))
         return to_unit(self.sample(batch))
 
     # ------------------------------------------------------------------ optimisation

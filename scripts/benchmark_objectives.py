@@ -74,10 +74,12 @@ def plot(results: list[dict], nfes: list[int], path: Path) -> None:
             for ax, metric in zip(axes, ("fid", "fd_pixels")):
                 ax.plot(nfes, [row[mode][str(n)][metric] for n in nfes], style, color=f"C{k}",
                         label=f"{row['label']}, {mode}")
-    for ax, name in zip(axes, ("FID-digits", "FD-pixels (x real)")):
+    for ax, name, ticks in zip(axes, ("FID-digits", "FD-pixels (x real)"), ((3, 5, 10, 20, 50), (0.8, 1, 2, 4))):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.minorticks_off()
         ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xlabel("NFE")
         ax.set_ylabel(name)
     axes[1].axhline(1.0, color="k", lw=0.8)

@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -117,7 +118,9 @@ def test_predict_applies_sampler_flags_over_the_checkpoint(trained_run, tmp_path
     _, ckpt = trained_run
     monkeypatch.chdir(tmp_path)
     hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
-    assert hparams["num_steps"] == 4 and hparams["s_churn"] == 80.0 and hparams["clamp_denoised"] is True
+    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())["model"]
+    assert hparams["num_steps"] == 4 and hparams["s_churn"] == 80.0
+    assert hparams["clamp_denoised"] is config["clamp_denoised"] and hparams["s_noise"] == config["s_noise"]
 
     def predict(out, *flags):
         cli_main(["predict", f"--ckpt_path={ckpt}", "--seeds=3-5", f"--out={out}",

@@ -70,13 +70,13 @@ def test_kve_sample_takes_kve_tune_output_and_kve_fit_configs(trained_run, tmp_p
     cli_main(["sample", f"--ckpt_path={ckpt}", f"--config={best}", "--seeds=0-1", f"--out={tmp_path / 'tuned'}"])
     manifest = json.loads((tmp_path / "tuned" / "manifest.json").read_text())
     assert manifest["sampler"]["num_steps"] == 3 and manifest["sampler"]["s_noise"] == 0.9
-    # a kve fit config: its sampler settings (18 steps, S_tmin 0.02, S_noise 0.767) and its seeds; sigma_max: auto
+    # a kve fit config: its sampler settings (18 steps, its S_tmin and S_noise) and its seeds; sigma_max: auto
     # means the checkpoint's, its training settings and other sections are not sampling's
     cli_main(["sample", f"--ckpt_path={ckpt}", CONFIG, "--seeds=0", f"--out={tmp_path / 'fit'}"])
     sampler = json.loads((tmp_path / "fit" / "manifest.json").read_text())["sampler"]
     fit = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())["model"]
-    assert (sampler["num_steps"], sampler["s_min"], sampler["s_noise"]) == (fit["num_steps"], fit["s_min"],
-                                                                           fit["s_noise"])
+    names = ("num_steps", "s_min", "s_noise", "clamp_denoised")
+    assert [sampler[k] for k in names] == [fit[k] for k in names]
     assert sampler["sigma_max"] == KarrasVeModule.from_checkpoint(ckpt).sampler.sigma_max
     assert sorted(p.name for p in (tmp_path / "fit").iterdir()) == ["000000.png", "grid.png", "manifest.json"]
     # a VE model's manifest is that of earlier versions: their folders resume (extrapolate changes no image)

@@ -1,4 +1,5 @@
-"""FID-digits of a trained digits model versus network evaluations (NFE), for our sampler and diffusers' schedule.
+"""FID-digits and FD-pixels of a trained digits model versus network evaluations (NFE), for our sampler and
+diffusers' schedule.
 
     python scripts/benchmark_digits_nfe.py --ckpt_path runs/digits/checkpoints/last.ckpt --num-samples 500
 
@@ -6,8 +7,8 @@ Rows: ours with the checkpoint's settings (VE schedule, Table 5 VE churn, Heun, 
 the clip (Algorithm 2 as written); and diffusers' KarrasVeScheduler arithmetic
 (its sigma^2-valued schedule walked as sigma, its start 100 * eps and defaults S_tmax = 50), replayed exactly
 through `sample_karras_ve(sigmas=..., latents=...)` -- tests/test_denoiser.py checks that this replay matches the
-real pipeline call for call. The same seeds serve every row; FID against all 1,797 digits; the real-vs-real
-floor (two disjoint halves) is printed for scale.
+real pipeline call for call. The same seeds serve every row; FID against all 1,797 digits, FD-pixels beside it;
+the real-vs-real floor (two disjoint halves) is printed for scale.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeSchedul
 from tqdm import tqdm
 
 from kve_lightning.lit.module import KarrasVeModule
-from kve_lightning.metrics import build_fid, digits_fid_floor, digits_images
+from kve_lightning.metrics import Quality, digits_fid_floor, digits_images
 from kve_lightning.sampling import randn_per_row, sample_karras_ve
 
 
@@ -41,12 +42,12 @@ def main() -> None:
     args = p.parse_args()
     module = KarrasVeModule.from_checkpoint(args.ckpt_path)
     hp = module.hparams
-    fid = build_fid(digits_images(hp.image_size, hp.channels))
+    quality = Quality(digits_images(hp.image_size, hp.channels), args.num_samples)
     seeds = list(range(args.num_samples))
     shape = (hp.channels, hp.image_size, hp.image_size)
 
-    def score(**kwargs) -> float:
-        fid.reset()
+    def score(**kwargs) -> tuple[float, float]:
+        samples = []
         for start in range(0, len(seeds), args.batch_size):
             batch = seeds[start:start + args.batch_size]
             gens = [torch.Generator().manual_seed(s) for s in batch]
@@ -58,8 +59,8 @@ def main() -> None:
                 x = sample_karras_ve(module.denoiser, latents.shape, generator=gens, latents=latents, **kw)
             else:
                 x = module.sample(batch, **kwargs)
-            fid.update(x.clamp(-1, 1), real=False)
-        return fid.compute().item()
+            samples.append(x.clamp(-1, 1))
+        return quality(torch.cat(samples))
 
     rows = {"ours (checkpoint settings)": lambda n: dict(num_steps=n),
             "ours, no clip (Algorithm 2 as written)": lambda n: dict(num_steps=n, clamp_denoised=False)}
@@ -77,12 +78,12 @@ def main() -> None:
             table["diffusers KarrasVeScheduler arithmetic"].append(
                 score(sigmas=sigmas, init_sigma=init_sigma, **churn))
             bar.update()
-    print(f"FID-digits, {args.num_samples} samples vs the 1,797 digits; real-vs-real floor (898 vs 898): "
-          f"{digits_fid_floor():.2f}\n")
+    print(f"FID-digits, {args.num_samples} samples vs the 1,797 digits (real-vs-real floor, 898 vs 898: "
+          f"{digits_fid_floor():.2f}), and in parentheses FD-pixels (1.0: as close as real digits)\n")
     print("| sampler | " + " | ".join(f"{2 * n - 1} NFE" for n in steps) + " |")
     print("|---|" + "---|" * len(steps))
     for name, values in table.items():
-        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+        print(f"| {name} | " + " | ".join(f"{fid:.2f} ({pixels:.2f}x)" for fid, pixels in values) + " |")
 
 
 if __name__ == "__main__":

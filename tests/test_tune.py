@@ -5,6 +5,7 @@ and `--config` of kve sample / kve export; bad input."""
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -377,3 +378,17 @@ def test_bad_tune_input(bad, tmp_path, capsys, args, needles):
     argv += ([] if "--out" in args else ["--out", "{tmp}/best.yaml"]) + ([] if "--n" in args else ["--n", "4"])
     line = assert_refused(lambda: tune_main(list(map(bad, argv))), capsys, *needles, folder=tmp_path)
     assert line.startswith("kve tune: error:"), line
+
+
+@pytest.mark.parametrize("nfe", [7, 15, 35])
+def test_the_shipped_configs_spend_their_budget_and_say_how_they_were_found(nfe):
+    """configs/digits_nfe{7,15,35}.yaml: settings spending the NFE in their name, and a comment with both metrics
+    and the `kve tune` command that found them."""
+    path = Path(__file__).resolve().parents[1] / "configs" / f"digits_nfe{nfe}.yaml"
+    text = path.read_text()
+    settings = SamplerSettings(sigma_max=9.63, **yaml.safe_load(text)["model"])
+    assert settings.nfe == nfe
+    comments = [line for line in text.splitlines() if line.startswith("# ")]
+    assert any("best fid-digits" in line and "FD-pixels" in line for line in comments)
+    assert f"at most {nfe} NFE" in text and "# found by: kve tune --ckpt_path runs/obj-ve/checkpoints/last.ckpt " in text
+    assert f"--nfe {nfe} " in text or nfe == 35  # the default is not spelled out

@@ -274,13 +274,17 @@ def manifest_sampler(folder):
     return json.loads((folder / "manifest.json").read_text())["sampler"]
 
 
-def test_written_yaml_sets_predict_sample_and_export(trained_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("solvers", ["all", "[restart]", "[dpmpp_2m_sde]"])
+def test_written_yaml_sets_predict_sample_and_export(trained_run, tmp_path, monkeypatch, solvers):
     """The YAML kve tune writes is a config for `kve predict --config`, `kve sample --config` and `kve export
-    --config`; their settings become its values (N = 3 from --nfe 5; the checkpoint has 4); flags override it."""
+    --config`, whichever solver won; their settings become its values (N from --nfe 5: 3 Heun steps, 2 of Restart's
+    main pass, 5 of the others; the checkpoint has 4); flags override it."""
     _, ckpt = trained_run
-    best = run_tune(ckpt, tmp_path / "best.yaml", "--budget", "0.02")
+    chosen = [] if solvers == "all" else ["--solvers", solvers]
+    best = run_tune(ckpt, tmp_path / "best.yaml", "--budget", "0.02", *chosen)
     config = str(tmp_path / "best.yaml")
-    assert KarrasVeModule.from_checkpoint(ckpt).sampler.num_steps == 4 and best["num_steps"] == 3
+    assert KarrasVeModule.from_checkpoint(ckpt).sampler.num_steps == 4
+    assert best["num_steps"] == {"heun": 3, "restart": 2}.get(best["solver"], 5)  # the most within NFE 5
     monkeypatch.chdir(tmp_path)
     cli_main(["predict", f"--ckpt_path={ckpt}", f"--config={config}", "--seeds=0-1",
               f"--out={tmp_path / 'predict'}", "--trainer.logger=false",

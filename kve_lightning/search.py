@@ -370,8 +370,8 @@ def describe(settings: SamplerSettings) -> str:
 
 def format_table(arms: list[Arm], best: Arm, confidence: float, metric: str = "FID") -> str:
     pct = f"{confidence:.0%}"
-    lines = [f"| arm | settings | NFE | {metric} | diff to Table 5 | {pct} interval | FD-pixels (x real) | diff to Table "
-             f"5 | {pct} interval | s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| arm | settings | NFE | {metric} | diff to Table 5 | {pct} interval | FD-pixels (x real) | "
+             f"diff to Table 5 | {pct} interval | s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for k, arm in enumerate(arms):
         tag = " (Table 5)" if k == 0 else ""
         tag += " **best**" if arm is best else ""

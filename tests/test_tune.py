@@ -394,5 +394,6 @@ def test_the_shipped_configs_spend_their_budget_and_say_how_they_were_found(nfe)
     assert settings.nfe == nfe
     comments = [line for line in text.splitlines() if line.startswith("# ")]
     assert any("best fid-digits" in line and "FD-pixels" in line for line in comments)
-    assert f"at most {nfe} NFE" in text and "# found by: kve tune --ckpt_path runs/obj-ve/checkpoints/last.ckpt " in text
+    assert f"at most {nfe} NFE" in text
+    assert "# found by: kve tune --ckpt_path runs/obj-ve/checkpoints/last.ckpt " in text
     assert f"--nfe {nfe} " in text or nfe == 35  # the default is not spelled out

@@ -29,25 +29,26 @@ DOC = """Tune the solver and its settings of a trained model at a fixed NFE budg
 
 Every arm samples the same --n seeds (common random numbers: the same initial noise and the same per-step noise per
 seed), so arms differ only by their settings, and spends at most --nfe network evaluations per image (each solver
-takes the largest N within them: nfe_budget). The first arm is Algorithm 2 with EDM Table 5's VE settings (80 / 0.05 /
-1 / 1.007); then each of --solvers starts from its authors' settings on EDM's rho = 7 schedule (Restart: a
+takes the largest N within them: nfe_budget). The first arm is Algorithm 2 with EDM Table 5's VE settings (80 / 0.05
+/ 1 / 1.007); then each of --solvers starts from its authors' settings on EDM's rho = 7 schedule (Restart: a
 deterministic main pass and one interval on [0.5, 2]), and a compass search per solver, the least promising first
-(none for one whose start has more than twice the best start's FID), moves one of its settings at a time: heun S_churn, S_tmin, S_tmax, S_noise, the schedule, rho, the clip of D;
-restart its first interval's t_min, t_max, K, N_restart, and heun's; dpmpp_2m_sde eta, S_noise, the schedule, rho,
-the solver type, the clip; dpmpp_2m the schedule, rho, the clip; ipndm the order, the schedule, rho, the clip. A move
-is kept if it lowers the FID (against the data set's images, --metric) unless it makes the second metric, FD-pixels
-(the Frechet distance of raw pixels' principal components to half of the data set's images, as a multiple of the
-other half's), worse beyond its noise than that search's best arm's or Table 5's (the paired --confidence interval
-of the difference above zero), with finer steps when no move helps, until its share of --budget minutes would be
-exceeded (estimated from the arm times) or no move helps; the winner is the solvers' best that wins by the same
-rule. The search space: S_tmin, S_tmax, t_min, t_max in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)]
-(above, the churn is capped), S_noise in [0.5, 1.5], eta in [0, 1.5], rho in [1, 20], K and N_restart up to 8.
-Ctrl-C ends it and writes the best arm so far (none: nothing written). Each arm's FID and FD-pixels differences to
-Table 5 get paired bootstrap intervals (the same resampled seeds for both arms, the real statistics fixed). Prints a
-table, writes a plot (--plot) and the best arm as a YAML config (--out: `model:` with num_steps, the solver and its
-settings, and a comment with both metrics and this command) for the --config of `kve predict`, `kve sample` and `kve
-export`; an existing --out or --plot is refused unless --overwrite true. --model.* flags fix settings: the model's own
-for the rest (a searched one given is left out of the search).
+(none for one whose start has more than twice the best start's FID), moves one of its settings at a time: heun
+S_churn, S_tmin, S_tmax, S_noise, the schedule, rho, the clip of D; restart its first interval's t_min, t_max, K,
+N_restart, and heun's; dpmpp_2m_sde eta, S_noise, the schedule, rho, the solver type, the clip; dpmpp_2m the
+schedule, rho, the clip; ipndm the order, the schedule, rho, the clip. A move is kept if it lowers the FID (against
+the data set's images, --metric) unless it makes the second metric, FD-pixels (the Frechet distance of raw pixels'
+principal components to half of the data set's images, as a multiple of the other half's), worse beyond its noise
+than that search's best arm's or Table 5's (the paired --confidence interval of the difference above zero), with
+finer steps when no move helps, until its share of --budget minutes would be exceeded (estimated from the arm times)
+or no move helps; the winner is the solvers' best that wins by the same rule. The search space: S_tmin, S_tmax,
+t_min, t_max in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)] (above, the churn is capped), S_noise in
+[0.5, 1.5], eta in [0, 1.5], rho in [1, 20], K and N_restart up to 8. Ctrl-C ends it and writes the best arm so far
+(none: nothing written). Each arm's FID and FD-pixels differences to Table 5 get paired bootstrap intervals (the
+same resampled seeds for both arms, the real statistics fixed). Prints a table, writes a plot (--plot) and the best
+arm as a YAML config (--out: `model:` with num_steps, the solver and its settings, and a comment with both metrics
+and this command) for the --config of `kve predict`, `kve sample` and `kve export`; an existing --out or --plot is
+refused unless --overwrite true. --model.* flags fix settings: the model's own for the rest (a searched one given is
+left out of the search).
 """
 
 
@@ -62,14 +63,16 @@ def command_line(values: dict[str, Any]) -> str:
             parts += [f"--data.{f.name} {getattr(value, f.name)}" for f in fields(value)
                       if getattr(value, f.name) != getattr(defaults["data"], f.name)]
         elif value != defaults[key]:
-            shown = f"[{','.join(value)}]" if key == "solvers" else str(value).lower() if value in (True, False) else value
+            shown = str(value).lower() if value in (True, False) else value
+            shown = f"[{','.join(value)}]" if key == "solvers" else shown
             parts.append(f"--{key} {shown}")
     return " ".join(["kve tune", *parts])
 
 
 def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35,
         solvers: list[TunedSolver] = list(TUNED_SOLVERS),
-        metric: Literal["fid-digits", "fid-inception"] = "fid-digits", n: int = 1000, seed: int = 0, budget: float = 10.0, bootstrap: int = 200, confidence: float = 0.95, out: str = "best.yaml",
+        metric: Literal["fid-digits", "fid-inception"] = "fid-digits", n: int = 1000, seed: int = 0,
+        budget: float = 10.0, bootstrap: int = 200, confidence: float = 0.95, out: str = "best.yaml",
         plot: str | None = None,
         data: DataSource = DataSource(), batch_size: int = 500, device: str | None = None, overwrite: bool = False,
         model: dict[str, Any] | None = None) -> None:

@@ -1,38 +1,73 @@
-"""The search behind ``kve tune``: S_churn, S_tmin, S_tmax, S_noise of EDM Algorithm 2 at a fixed NFE, on common
-random numbers, judged by two metrics.
+"""The search behind ``kve tune``: the solver and its settings at a fixed NFE, on common random numbers, judged by
+two metrics.
 
 EDM (Karras et al. 2022, Sec. 4, Appendix E.2) tuned the stochasticity per model by grid search and noted that the
 search is noisy. Here every arm samples the same seeds (``module.sample`` / the pipeline draw x_0 and every step's
-churn noise eps_i from one generator per seed), so two arms differ by their settings only; each arm's FID is
-compared with the baseline's, EDM Table 5's VE settings (``SamplerSettings``' defaults), by a paired bootstrap over
-the seeds. The search is a compass search: from the baseline, move one setting at a time (S_tmin, S_tmax by factors,
-S_churn, S_noise by steps), keep going while the FID drops, shrink the steps when no move helps.
+noise from one generator per seed), so two arms differ by their settings only; each arm's FID is compared with the
+baseline's, EDM Table 5's VE settings of Algorithm 2 (``SamplerSettings``' defaults), by a paired bootstrap over the
+seeds. The search is a compass search per solver (``SOLVER_SETTINGS``): Algorithm 2 from the baseline (S_churn,
+S_tmin, S_tmax, S_noise, the schedule and rho, the clip), Restart, DPM-Solver++(2M) SDE, DPM-Solver++(2M) and iPNDM
+from their authors' settings (``STARTS``), each with ``nfe_budget`` setting its N: move one setting at a time,
+keep going while the FID drops, shrink the steps when no move helps.
 
 Never one metric: every arm is also scored by FD-pixels (``kve_lightning.metrics.PixelFD``), and a move that lowers
 the FID is refused when it makes FD-pixels worse beyond its noise (the paired interval of the difference lying above
-zero), against the arm it improves on or against the baseline.
+zero), against the arm it improves on or against the baseline; so is a solver's best that lowers the FID of the
+best so far.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import torch
 import yaml
 
 from kve_lightning.storage import save_atomic
 from kve_lightning.metrics import chunked_frechet, feature_moments, matrix_sqrt
-from kve_lightning.sampling import GAMMA_MAX, SamplerSettings
+from kve_lightning.sampling import (GAMMA_MAX, MAX_IPNDM_ORDER, SCHEDULES, SDE_SOLVER_TYPES, SamplerSettings,
+                                    restart_grids)
 
+TunedSolver = Literal["heun", "restart", "dpmpp_2m_sde", "dpmpp_2m", "ipndm"]
+TUNED_SOLVERS: tuple[str, ...] = get_args(TunedSolver)
+# Algorithm 2's churn settings: the baseline arm has EDM Table 5's
 SEARCHED = ("s_churn", "s_min", "s_max", "s_noise")
-# S_noise searched within: EDM's are 1.003-1.007, tuned ones here 0.77-0.92 (README); far outside, the churn noise is
-# mostly added or mostly missing and the FID moves by noise only
-S_NOISE_RANGE = (0.5, 1.5)
+# each solver's searched settings, in the order the compass search moves them; restart_n, restart_k, restart_t_min,
+# restart_t_max are N_restart, K, t_min, t_max of Restart's first interval
+RESTART_PARTS = ("restart_n", "restart_k", "restart_t_min", "restart_t_max")
+SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
+    "heun": (*SEARCHED, "schedule", "rho", "clamp_denoised"),
+    "restart": ("restart_t_min", "restart_t_max", "restart_k", "restart_n", *SEARCHED, "schedule", "rho",
+                "clamp_denoised"),
+    "dpmpp_2m_sde": ("eta", "s_noise", "schedule", "rho", "sde_solver_type", "clamp_denoised"),
+    "dpmpp_2m": ("schedule", "rho", "clamp_denoised"),
+    "ipndm": ("ipndm_order", "schedule", "rho", "clamp_denoised"),
+}
+# where each solver's search starts, over the model's settings: its authors' defaults on EDM's rho = 7 schedule
+# (k-diffusion's and diff-sampler's); Restart with a deterministic main pass and the interval of ``restart_start``
+EDM_SCHEDULE = {"schedule": "edm", "rho": 7.0}
+STARTS: dict[str, dict] = {
+    "restart": EDM_SCHEDULE | {"s_churn": 0.0, "s_noise": 1.0},
+    "dpmpp_2m_sde": EDM_SCHEDULE | {"eta": 1.0, "s_noise": 1.0, "sde_solver_type": "midpoint"},
+    "dpmpp_2m": EDM_SCHEDULE,
+    "ipndm": EDM_SCHEDULE | {"ipndm_order": 4},
+}
+# the value ranges searched where SamplerSettings allows more: S_noise's (EDM's are 1.003-1.007, tuned ones here
+# 0.77-0.92, README; far outside, the noise is mostly added or mostly missing and the FID moves by noise only),
+# eta's (0: DPM-Solver++(2M), k-diffusion's 1 adds as much noise as the step removes), rho's (EDM's ablation:
+# 5-10 best), Restart's K and N_restart (beyond, a restart costs more than the main pass at these budgets)
+RANGES = {"s_noise": (0.5, 1.5), "eta": (0.0, 1.5), "rho": (1.0, 20.0), "restart_k": (1, 8), "restart_n": (2, 8),
+          "ipndm_order": (1, MAX_IPNDM_ORDER)}
+CHOICES = {"schedule": SCHEDULES, "clamp_denoised": (False, True), "sde_solver_type": SDE_SOLVER_TYPES}
+# a solver whose start has more than this many times the best start's FID is not searched further: at these sizes
+# of step no search closed such a gap, and its share of the budget goes to the others
+PRUNE = 2.0
 METRICS = {"fid-digits": "digits", "fid-inception": "inception"}
 # settings -> the FID's and FD-pixels' features [n, d] of the same n seeds
 Evaluate = Callable[[SamplerSettings], tuple[torch.Tensor, torch.Tensor]]
@@ -40,18 +75,49 @@ Evaluate = Callable[[SamplerSettings], tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class Move:
-    """One searched setting: moved by factors ``step ** (1 / 2**level)`` (``log``) or by ``step / 2**level``."""
+    """One searched setting: moved by factors ``step ** (1 / 2**level)`` ("log"), by ``step / 2**level``
+    ("linear"), by ``max(1, round(step / 2**level))`` ("integer") or to the next of its ``CHOICES`` ("choice")."""
 
     name: str
     step: float
-    log: bool
+    kind: Literal["log", "linear", "integer", "choice"]
 
 
 def moves(settings: SamplerSettings) -> list[Move]:
-    """S_tmax, S_tmin by factors of 10 (EDM searched them on log grids), S_churn by half its useful range
-    N (sqrt(2) - 1) (above it gamma_i is capped), S_noise by 0.02."""
-    return [Move("s_max", 10.0, True), Move("s_min", 10.0, True),
-            Move("s_churn", settings.num_steps * GAMMA_MAX / 2, False), Move("s_noise", 0.02, False)]
+    """The moves of ``settings.solver``'s searched settings (``SOLVER_SETTINGS``): S_tmax, S_tmin by factors of 10
+    (EDM searched them on log grids), S_churn by half its useful range N (sqrt(2) - 1) (above it gamma_i is capped),
+    S_noise by 0.02, eta by 0.25, rho by 2, Restart's t_min, t_max by factors of 2 and K, N_restart by 1, the
+    iPNDM order by 1; the schedule, the clip and the SDE solver type are choices."""
+    steps = {"s_max": (10.0, "log"), "s_min": (10.0, "log"), "s_churn": (settings.num_steps * GAMMA_MAX / 2, "linear"),
+             "s_noise": (0.02, "linear"), "eta": (0.25, "linear"), "rho": (2.0, "linear"),
+             "restart_t_min": (2.0, "log"), "restart_t_max": (2.0, "log"), "restart_k": (1, "integer"),
+             "restart_n": (1, "integer"), "ipndm_order": (1, "integer")}
+    return [Move(name, *steps.get(name, (0, "choice"))) for name in SOLVER_SETTINGS[settings.solver]]
+
+
+def value_of(settings: SamplerSettings, name: str) -> Any:
+    """A searched setting's value: a field, or a part of Restart's first interval."""
+    if name in RESTART_PARTS:
+        return settings.restart_intervals[0][RESTART_PARTS.index(name)]
+    return getattr(settings, name)
+
+
+def with_value(settings: SamplerSettings, name: str, value: Any) -> SamplerSettings:
+    """``settings`` with a searched setting replaced (validated: a ``ValueError`` where it does not fit, as an
+    interval that leaves the main grid or a Restart that leaves no main step within the NFE budget)."""
+    if name not in RESTART_PARTS:
+        return settings.replace(**{name: value})
+    first = list(settings.restart_intervals[0])
+    first[RESTART_PARTS.index(name)] = value
+    return fitted(settings.replace(restart_intervals=[first, *settings.restart_intervals[1:]]))
+
+
+def fitted(settings: SamplerSettings) -> SamplerSettings:
+    """``settings``, once Restart's intervals are known to fit its main grid (``restart_grids``: a ``ValueError``
+    otherwise)."""
+    if settings.solver == "restart":
+        restart_grids(settings.sigmas().tolist(), settings.restart_intervals, settings.rho)
+    return settings
 
 
 def round_significant(value: float, digits: int = 4) -> float:
@@ -61,36 +127,73 @@ def round_significant(value: float, digits: int = 4) -> float:
 def moved(settings: SamplerSettings, move: Move, sign: int, level: int) -> SamplerSettings | None:
     """``settings`` with ``move.name`` moved one step in direction ``sign`` at refinement ``level``, rounded to 4
     significant digits (so that the YAML holds exactly what was measured) and kept where it has an effect: S_tmin,
-    S_tmax in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)], S_noise in ``S_NOISE_RANGE``. ``None`` when
-    the move leaves the value unchanged or makes S_tmin > S_tmax."""
-    value = getattr(settings, move.name)
-    if move.name == "s_churn":
-        value = min(value, settings.num_steps * GAMMA_MAX)
-    if move.log:
-        new = value * move.step ** (sign / 2**level)
-        new = min(max(new, settings.sigma_min), settings.sigma_max)
+    S_tmax, t_min, t_max in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)], the rest in ``RANGES``.
+    ``None`` when the move leaves the value unchanged or makes settings that do not fit (S_tmin > S_tmax, a
+    Restart interval off the main grid or beyond the NFE budget)."""
+    value = value_of(settings, move.name)
+    if move.kind == "choice":
+        options = CHOICES[move.name]
+        new = options[(options.index(value) + sign) % len(options)]
+    elif move.kind == "integer":
+        low, high = RANGES[move.name]
+        new = min(max(value + sign * max(1, round(move.step / 2**level)), low), high)
     else:
-        new = max(value + sign * move.step / 2**level, 0.0)
-        if move.name == "s_churn":
-            new = min(new, settings.num_steps * GAMMA_MAX)
-        if move.name == "s_noise":
-            new = min(max(new, S_NOISE_RANGE[0]), S_NOISE_RANGE[1])
-    new = round_significant(new)
+        cap = settings.num_steps * GAMMA_MAX if move.name == "s_churn" else math.inf
+        value = min(value, cap)
+        low, high = RANGES.get(move.name, (0.0, cap))
+        if move.kind == "log":
+            low, high = settings.sigma_min, settings.sigma_max
+            new = value * move.step ** (sign / 2**level)
+        else:
+            new = value + sign * move.step / 2**level
+        new = round_significant(min(max(new, low), high))
     if new == value:
         return None
     try:
-        return settings.replace(**{move.name: new})
-    except ValueError:  # s_min > s_max
+        return with_value(settings, move.name, new)
+    except ValueError:
         return None
 
 
 def effect(settings: SamplerSettings) -> tuple:
-    """What Algorithm 2 does with the churn settings: gamma, the steps i with S_tmin <= sigma_i <= S_tmax, S_noise.
-    Two settings with the same effect sample the same images: an arm is run once per effect."""
-    sigmas = settings.sigmas().tolist()[:-1]
-    steps = tuple(i for i, s in enumerate(sigmas) if settings.s_min <= s <= settings.s_max)
+    """What the solver does with the settings: two settings with the same effect sample the same images, so an arm
+    is run once per effect. The solver, its noise levels and clip, and: with Algorithm 2 gamma, the steps i with
+    S_tmin <= sigma_i <= S_tmax and S_noise (none without churn); with Restart also its grids and S_noise; with
+    DPM-Solver++(2M) SDE eta, the solver type and (eta > 0) S_noise; with iPNDM its order."""
+    sigmas = settings.sigmas().tolist()
+    common = (settings.solver, tuple(sigmas), settings.clamp_denoised)
     gamma = min(settings.s_churn / settings.num_steps, GAMMA_MAX)
-    return (gamma, steps, settings.s_noise) if gamma > 0 and steps else (0.0,)
+    if settings.solver in ("heun", "euler"):
+        steps = tuple(i for i, s in enumerate(sigmas[:-1]) if settings.s_min <= s <= settings.s_max)
+        return common + ((gamma, steps, settings.s_noise) if gamma > 0 and steps else (0.0,))
+    if settings.solver == "restart":
+        grids = restart_grids(sigmas, settings.restart_intervals, settings.rho)
+        return common + (gamma, settings.s_min, settings.s_max, settings.s_noise, settings.restart_gamma,
+                         tuple((j, k, tuple(grid)) for j, (k, grid) in sorted(grids.items())))
+    if settings.solver == "dpmpp_2m_sde":
+        return common + (settings.eta, settings.sde_solver_type, settings.s_noise if settings.eta > 0 else None)
+    return common + ((settings.ipndm_order,) if settings.solver == "ipndm" else ())
+
+
+def start(solver: str, settings: SamplerSettings, fixed: Sequence[str]) -> SamplerSettings | None:
+    """Where ``solver``'s search starts: ``settings`` (the model's, with an NFE budget) with ``STARTS[solver]``
+    but for the ``fixed`` settings; Restart with the given intervals, else the first interval of [3, 2], [3, 1],
+    [2, 1] (N_restart, K) on [0.5, 2] (the authors' example, within [sigma_min, sigma_max]) that leaves a main
+    pass of at least 3 steps, else the first that fits at all. ``None`` where none fits."""
+    settings = settings.replace(**{k: v for k, v in STARTS.get(solver, {}).items() if k not in fixed})
+    if solver != "restart":
+        return settings.replace(solver=solver)
+    t_max = min(2.0, settings.sigma_max)
+    t_min = min(max(0.5, settings.sigma_min), t_max / 2)
+    candidates = [settings.restart_intervals] if settings.restart_intervals else [
+        [[n, k, t_min, t_max]] for n, k in ((3, 2), (3, 1), (2, 1))]
+    fitting = []
+    for intervals in candidates:
+        try:
+            fitting.append(fitted(settings.replace(solver="restart", restart_intervals=intervals)))
+        except ValueError:
+            continue
+    return next((s for s in fitting if s.num_steps >= 3), fitting[0] if fitting else None)
 
 
 @dataclass
@@ -157,16 +260,22 @@ def worse_beyond_noise(resampled: torch.Tensor, than: torch.Tensor, confidence: 
 
 def tune(evaluate: Evaluate, scorers: tuple[Scorer, Scorer], baseline: SamplerSettings, searched: Sequence[str],
          budget_s: float, clock: Callable[[], float] = time.monotonic, levels: int = 3, confidence: float = 0.95,
-         report: Callable[[Arm, Arm], None] = lambda arm, best: None) -> tuple[list[Arm], Arm | None]:
-    """Compass search from ``baseline`` over the ``searched`` settings; returns the arms (the baseline first) and
-    the best (``None`` if none finished).
+         report: Callable[[Arm, Arm], None] = lambda arm, best: None,
+         starts: Sequence[SamplerSettings] = ()) -> tuple[list[Arm], Arm | None]:
+    """Compass search from ``baseline`` and from each of ``starts`` (other solvers' starting points) over the
+    ``searched`` settings of each one's solver (``SOLVER_SETTINGS``); returns the arms (the baseline first) and the
+    best (``None`` if none finished).
 
     ``evaluate(settings)`` gives two feature sets of the same seeds, scored by ``scorers``: the FID's and
-    FD-pixels'. Every move of every setting is tried in both directions at each of ``levels`` step sizes; a move is
-    taken, and repeated while it keeps helping, when it lowers the FID and does not make FD-pixels worse beyond its
-    noise (``worse_beyond_noise`` at ``confidence``) than the best arm's or the baseline's. No arm starts once the
-    elapsed time plus the mean arm time so far would pass ``budget_s`` (the baseline always runs); an interrupt
-    (Ctrl-C) also ends the search. ``report(arm, best)`` after each arm."""
+    FD-pixels'. An arm improves on another when it has the lower FID and its FD-pixels is not worse beyond its noise
+    (``worse_beyond_noise`` at ``confidence``) than the other's or the baseline's. First the baseline and each
+    start run once; then, the least promising (highest FID) first, each one's compass search (but for those with
+    more than ``PRUNE`` times the best start's FID): every move of every
+    setting is tried in both directions at each of ``levels`` step sizes, taken and repeated while it improves on
+    that search's best. The best of all is the search's best that improves on the others'. Each search gets an equal
+    share of the time left: no arm starts once the elapsed time plus the mean arm time so far would pass its share
+    (the baseline always runs); an interrupt (Ctrl-C) also ends the search. ``report(arm, best)`` after each arm, with
+    the best so far of its own search."""
     start = clock()
     arms: list[Arm] = []
     seen: set[tuple] = set()
@@ -183,36 +292,52 @@ def tune(evaluate: Evaluate, scorers: tuple[Scorer, Scorer], baseline: SamplerSe
         return arm.fid < best.fid and not any(worse_beyond_noise(arm.pixels_resampled, other.pixels_resampled,
                                                                  confidence) for other in (best, arms[0]))
 
-    def out_of_time() -> bool:
-        return clock() - start + sum(a.seconds for a in arms) / len(arms) > budget_s
+    def out_of_time(deadline: float) -> bool:
+        return clock() - start + sum(a.seconds for a in arms) / len(arms) > deadline
 
-    try:
-        best = run(baseline)
-        report(best, best)
-    except KeyboardInterrupt:
-        return arms, None  # none: interrupted in the first arm
-    try:
+    def compass(deadline: float) -> None:
+        """The compass search from ``bests[-1]``, which follows its best."""
+        best = bests[-1]
         for level in range(levels):
             improved = True
             while improved:
                 improved = False
-                for move in (m for m in moves(baseline) if m.name in searched):
+                for move in (m for m in moves(best.settings) if m.name in searched):
                     for sign in (1, -1):
                         while (candidate := moved(best.settings, move, sign, level)) is not None:
                             if effect(candidate) in seen:
                                 break
-                            if out_of_time():
-                                return arms, best
+                            if out_of_time(deadline):
+                                return
                             arm = run(candidate)
                             taken = improves(arm, best)
-                            best = arm if taken else best
+                            best = bests[-1] = arm if taken else best
                             report(arm, best)
                             if not taken:
                                 break
                             improved = True
+
+    try:
+        overall = run(baseline)
+        report(overall, overall)
+    except KeyboardInterrupt:
+        return arms, None  # none: interrupted in the first arm
+    heads, bests = [overall], []
+    try:
+        for settings in starts:
+            if effect(settings) not in seen and not out_of_time(budget_s):
+                heads.append(run(settings))
+                report(heads[-1], heads[-1])
+        heads.sort(key=lambda arm: -arm.fid)
+        promising = [head for head in heads if head.fid <= PRUNE * heads[-1].fid]
+        for k, head in enumerate(promising):
+            bests.append(head)
+            compass(clock() - start + (budget_s - (clock() - start)) / (len(promising) - k))
     except KeyboardInterrupt:
         print("interrupted: reporting the arms so far", file=sys.stderr)
-    return arms, best
+    for best in bests + heads:
+        overall = best if improves(best, overall) else overall
+    return arms, overall
 
 
 def paired_intervals(arms: list[Arm], confidence: float = 0.95) -> None:
@@ -226,18 +351,33 @@ def paired_intervals(arms: list[Arm], confidence: float = 0.95) -> None:
         arm.pixels_interval = tuple(torch.quantile(arm.pixels_resampled - base.pixels_resampled, q).tolist())
 
 
+def searched_values(settings: SamplerSettings) -> dict[str, Any]:
+    """The settings searched for ``settings.solver`` (``SOLVER_SETTINGS``) as ``SamplerSettings`` fields (Restart's
+    interval parts as ``restart_intervals``), rho only where it has an effect (EDM's schedule or Restart's grids)."""
+    names = [n for n in SOLVER_SETTINGS[settings.solver] if n not in RESTART_PARTS]
+    names += ["restart_intervals"] if settings.solver == "restart" else []
+    values = settings.to_dict()
+    return {n: values[n] for n in names if n != "rho" or settings.schedule == "edm" or settings.solver == "restart"}
+
+
+def describe(settings: SamplerSettings) -> str:
+    """The solver and its searched settings, one short line."""
+    shown = {k: ("clip" if v else "no clip") if k == "clamp_denoised" else v
+             for k, v in searched_values(settings).items()}
+    return f"{settings.solver}: " + ", ".join(f"{v}" if isinstance(v, str) else f"{k} {v:g}" if isinstance(v, float)
+                                              else f"{k} {v}" for k, v in shown.items())
+
+
 def format_table(arms: list[Arm], best: Arm, confidence: float, metric: str = "FID") -> str:
     pct = f"{confidence:.0%}"
-    lines = [f"| arm | S_churn | S_tmin | S_tmax | S_noise | {metric} | diff to Table 5 | {pct} interval | FD-pixels "
-             f"(x real) | diff to Table 5 | {pct} interval | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| arm | settings | NFE | {metric} | diff to Table 5 | {pct} interval | FD-pixels (x real) | "
+             f"diff to Table 5 | {pct} interval | s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for k, arm in enumerate(arms):
-        s = arm.settings
         tag = " (Table 5)" if k == 0 else ""
         tag += " **best**" if arm is best else ""
-        lines.append(f"| {k}{tag} | {s.s_churn:g} | {s.s_min:g} | {s.s_max:g} | {s.s_noise:g} | {arm.fid:.2f} | "
-                     f"{arm.diff:+.2f} | [{arm.interval[0]:+.2f}, {arm.interval[1]:+.2f}] | {arm.pixels:.3f} | "
-                     f"{arm.pixels_diff:+.3f} | [{arm.pixels_interval[0]:+.3f}, {arm.pixels_interval[1]:+.3f}] | "
-                     f"{arm.seconds:.0f} |")
+        lines.append(f"| {k}{tag} | {describe(arm.settings)} | {arm.settings.nfe} | {arm.fid:.2f} | {arm.diff:+.2f} | "
+                     f"[{arm.interval[0]:+.2f}, {arm.interval[1]:+.2f}] | {arm.pixels:.3f} | {arm.pixels_diff:+.3f} | "
+                     f"[{arm.pixels_interval[0]:+.3f}, {arm.pixels_interval[1]:+.3f}] | {arm.seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -249,20 +389,18 @@ def plot(arms: list[Arm], best: Arm, title: str, path: Path, metric: str = "FID"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, sharey=True, figsize=(10, 1.2 + 0.3 * len(arms)))
+    fig, axes = plt.subplots(1, 2, sharey=True, figsize=(12, 1.2 + 0.3 * len(arms)))
     y = list(range(len(arms)))[::-1]
     for ax, name, diff, interval in ((axes[0], metric, "diff", "interval"),
                                      (axes[1], "FD-pixels (x real)", "pixels_diff", "pixels_interval")):
         for arm, row in zip(arms, y):
             d, (low, high) = getattr(arm, diff), getattr(arm, interval)
-            ax.errorbar([d], [row], xerr=[[d - low], [high - d]], fmt="o", color="C3" if arm is best else "C0",
-                        capsize=3)
+            # a percentile interval need not hold the estimate itself (bootstrap bias): no negative bar
+            ax.errorbar([d], [row], xerr=[[max(d - low, 0)], [max(high - d, 0)]], fmt="o",
+                        color="C3" if arm is best else "C0", capsize=3)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlabel(f"{name} difference to Table 5 (paired bootstrap interval)", fontsize=8)
-    labels = [f"{k}: {a.settings.s_churn:g} / {a.settings.s_min:g} / {a.settings.s_max:g} / {a.settings.s_noise:g}"
-              for k, a in enumerate(arms)]
-    axes[0].set_yticks(y, labels, fontsize=7)
-    axes[0].set_ylabel("arm: S_churn / S_tmin / S_tmax / S_noise", fontsize=7)
+    axes[0].set_yticks(y, [f"{k}: {describe(a.settings)}" for k, a in enumerate(arms)], fontsize=6)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -272,8 +410,8 @@ def plot(arms: list[Arm], best: Arm, title: str, path: Path, metric: str = "FID"
 
 
 def winner_yaml(settings: SamplerSettings, fixed: dict, header: list[str]) -> str:
-    """``model:`` with N, the searched settings and the fixed ones: a config for ``kve predict --config``,
-    ``kve sample --config`` and ``kve export --config``."""
-    model = {"num_steps": settings.num_steps} | {name: getattr(settings, name) for name in SEARCHED}
-    model |= {k: getattr(settings, k) for k in fixed if k not in model}
+    """``model:`` with N, the solver, its searched settings and the fixed ones: a config for ``kve predict
+    --config``, ``kve sample --config`` and ``kve export --config``."""
+    model = {"num_steps": settings.num_steps, "solver": settings.solver} | searched_values(settings)
+    model |= {k: v for k, v in settings.to_dict().items() if k in fixed and k not in model}
     return "".join(f"# {line}\n" for line in header) + yaml.safe_dump({"model": model}, sort_keys=False)

@@ -22,7 +22,7 @@ from kve_lightning.lit.data import ImageDataModule
 from kve_lightning.masks import parse_mask
 from kve_lightning.phema import list_snapshots
 from kve_lightning.sampling import SamplerSettings
-from kve_lightning.search import S_NOISE_RANGE, Move, moved
+from kve_lightning.search import RANGES, Move, moved
 from kve_lightning.storage import writer_id
 
 CONFIG = f"--config={REPO / 'configs' / 'digits.yaml'}"
@@ -196,9 +196,9 @@ def test_9_reports_and_defaults(trained_run, tmp_path, capsys):
     settings = SamplerSettings(s_noise=1.4)
     for sign in (1, -1):
         s = settings
-        while (step := moved(s, Move("s_noise", 0.5, False), sign, 0)) is not None:
+        while (step := moved(s, Move("s_noise", 0.5, "linear"), sign, 0)) is not None:
             s = step
-        assert s.s_noise == S_NOISE_RANGE[sign > 0]
+        assert s.s_noise == RANGES["s_noise"][sign > 0]
 
 
 # ------------------------------------------------------------------------------------------------ 10-14: tracebacks

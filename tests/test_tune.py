@@ -5,6 +5,7 @@ and `--config` of kve sample / kve export; bad input."""
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.metrics import (digits_feature_net, digits_images, feature_moments, fid_from_images,
                                    frechet_distance, matrix_sqrt)
 from kve_lightning.sampling import GAMMA_MAX, SamplerSettings
-from kve_lightning.search import SEARCHED, Scorer, paired_intervals, tune
+from kve_lightning.search import (SEARCHED, SOLVER_SETTINGS, TUNED_SOLVERS, Move, Scorer, effect, moved,
+                                  paired_intervals, start, tune, winner_yaml)
 
 CHURN = {"s_churn": 2.5, "s_min": 0.1, "s_max": 7.0, "s_noise": 1.02}
 
@@ -94,6 +96,82 @@ def test_a_move_that_worsens_fd_pixels_beyond_its_noise_is_refused():
     assert lowest.fid < best.fid and lowest.settings.s_noise < baseline.s_noise  # tried, lower FID, refused
 
 
+def solver_metric(s: SamplerSettings) -> torch.Tensor:
+    """A fake metric over solvers (FID = |v|^2, as in ``test_finds_a_known_optimum``): DPM-Solver++(2M) SDE reaches
+    0 at eta = 0.5, rho = 4, S_noise = 1.1, clipped, midpoint; Algorithm 2 at best 1 (S_tmax = 5), Restart 1.21
+    (t_max = 4), DPM-Solver++(2M) 1.44 everywhere, iPNDM 100 (more than twice the best start's: not searched)."""
+    if s.solver == "dpmpp_2m_sde":
+        v = [s.eta - 0.5, (s.rho - 4) / 8 if s.schedule == "edm" else 1.0, (s.s_noise - 1.1) / 0.2,
+             (0.0 if s.clamp_denoised else 0.7) + (0.0 if s.sde_solver_type == "midpoint" else 0.5)]
+    elif s.solver == "heun":
+        v = [1.0, math.log10(s.s_max / 5), 0, 0]
+    elif s.solver == "restart":
+        v = [1.1, math.log10(s.restart_intervals[0][3] / 4), 0, 0]
+    else:
+        v = [1.2 if s.solver == "dpmpp_2m" else 10.0, 0, 0, 0]
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def solver_search(pixels=lambda s: torch.zeros(4, dtype=torch.float64)):
+    scorer, z = scorer_and_noise()
+    settings = SamplerSettings(sigma_max=10.0, nfe_budget=15)
+    starts = [start(solver, settings, []) for solver in TUNED_SOLVERS if solver != "heun"]
+    return tune(lambda s: (z + solver_metric(s), z + pixels(s)), (scorer, scorer), settings,
+                sorted({n for names in SOLVER_SETTINGS.values() for n in names}), budget_s=1e9, starts=starts)
+
+
+def test_finds_the_best_solver_and_its_settings():
+    """Every solver's start runs, on the same budget (N from nfe_budget); the compass searches find DPM-Solver++(2M)
+    SDE's optimum within half of each finest step (eta 0.25 / 8, rho 2 / 8, S_noise 0.02 / 8) with its discrete
+    choices; iPNDM is not searched beyond its start; no effect runs twice; the YAML holds what won."""
+    arms, best = solver_search()
+    assert [a.settings.solver for a in arms[:5]] == ["heun", "restart", "dpmpp_2m_sde", "dpmpp_2m", "ipndm"]
+    assert all(a.settings.nfe <= 15 for a in arms) and {a.settings.nfe for a in arms[:5]} == {15}
+    assert arms[1].settings.restart_intervals == ((3, 2, 0.5, 2.0),) and arms[1].settings.num_steps == 4
+    assert [a.settings.solver for a in arms].count("ipndm") == 1
+    assert {"heun", "restart", "dpmpp_2m"} <= {a.settings.solver for a in arms[5:]}  # searched
+    assert len({effect(a.settings) for a in arms}) == len(arms)
+    s = best.settings
+    assert s.solver == "dpmpp_2m_sde" and s.clamp_denoised and s.sde_solver_type == "midpoint"
+    assert abs(s.eta - 0.5) <= 0.25 / 8 + 1e-9 and abs(s.rho - 4) <= 2 / 8 + 1e-9 and s.schedule == "edm"
+    assert abs(s.s_noise - 1.1) <= 0.02 / 8 + 1e-9 and best is min(arms, key=lambda a: a.fid)
+    restart = min((a for a in arms if a.settings.solver == "restart"), key=lambda a: a.fid)
+    assert restart.settings.restart_intervals[0][3] == pytest.approx(4, rel=0.2)  # t_max found too
+    model = yaml.safe_load(winner_yaml(s, {}, ["found"]))["model"]
+    assert list(model) == ["num_steps", "solver", "eta", "s_noise", "schedule", "rho", "sde_solver_type",
+                           "clamp_denoised"]
+    assert SamplerSettings(sigma_max=10.0).replace(**model) == s.replace(num_steps=15)
+
+
+def test_a_solver_that_worsens_fd_pixels_beyond_its_noise_does_not_win():
+    """FD-pixels' features shifted by 5 in every DPM-Solver++(2M) SDE arm: worse than Table 5's beyond any noise,
+    so none of its moves is taken and, although it has the lowest FID, Algorithm 2's best wins."""
+    arms, best = solver_search(lambda s: torch.tensor([5.0 if s.solver == "dpmpp_2m_sde" else 0, 0, 0, 0],
+                                                      dtype=torch.float64))
+    lowest = min(arms, key=lambda a: a.fid)
+    assert lowest.settings.solver == "dpmpp_2m_sde" and best.settings.solver == "heun"
+    assert best is min((a for a in arms if a.settings.solver != "dpmpp_2m_sde"), key=lambda a: a.fid)
+    head, *moves = [a.settings.to_dict() for a in arms if a.settings.solver == "dpmpp_2m_sde"]
+    assert len(moves) >= 5 and all(sum(m[k] != head[k] for k in head) == 1 for m in moves)  # never left its start
+
+
+def test_restart_moves_stay_within_the_budget():
+    """At 7 NFE Restart starts from [2, 1] (N = 3 main steps); K = 2 leaves N = 2, K = 3 no main pass: refused."""
+    s = start("restart", SamplerSettings(sigma_max=10.0, nfe_budget=7), [])
+    assert s.restart_intervals == ((2, 1, 0.5, 2.0),) and s.num_steps == 3 and s.nfe == 7
+    more = moved(s, Move("restart_k", 1, "integer"), 1, 0)
+    assert more.restart_intervals[0][1] == 2 and more.num_steps == 2 and more.nfe == 7
+    assert moved(more, Move("restart_k", 1, "integer"), 1, 0) is None
+    up = moved(s, Move("restart_t_min", 2.0, "log"), 1, 0)
+    assert up.restart_intervals == ((2, 1, 1.0, 2.0),) and moved(up, Move("restart_t_min", 2.0, "log"), 1, 0) is None
+    down = Move("restart_t_max", 2.0, "log")
+    lower = moved(moved(s, down, -1, 1), down, -1, 1)
+    assert lower.restart_intervals[0][3] == pytest.approx(1.0, abs=1e-3)  # t_min snaps to sigma_1 = 0.87 < t_max
+    assert moved(lower, down, -1, 1) is None  # t_max 0.707 < sigma_1: no restart fits
+    fixed = start("restart", SamplerSettings(sigma_max=10.0, nfe_budget=7, restart_intervals=[[2, 1, 0.1, 1.0]]), [])
+    assert fixed.restart_intervals == ((2, 1, 0.1, 1.0),)  # given intervals are kept
+
+
 def test_identical_arms_have_a_zero_interval():
     """Paired: the same resampled seeds for both arms, so an arm that samples what the baseline samples differs by
     exactly 0 in every resample."""
@@ -161,23 +239,32 @@ def test_every_arm_samples_the_same_seeds(trained_run, tmp_path, spied_sampler, 
     best = run_tune(ckpt, tmp_path / "best.yaml", "--seed", "10", "--budget", "1", "--model.micro_batch", "0")
     arms = [spied_sampler[k:k + 2] for k in range(0, len(spied_sampler), 2)]
     assert len(arms) >= 3 and len(spied_sampler) % 2 == 0
+    steps = {"heun": 3, "restart": 2, "dpmpp_2m_sde": 5, "dpmpp_2m": 5, "ipndm": 5}  # the most within NFE 5
     for (first, settings), (second, same) in arms:
         assert (first, second) == ([10, 11, 12, 13], [14, 15]) and settings == same
-        assert settings["num_steps"] == 3 and settings["micro_batch"] == 0  # NFE 5 = 2N - 1; a fixed setting
-    tried = [{k: s[k] for k in SEARCHED} for (_, s), _ in arms]
-    assert tried[0] == {k: getattr(SamplerSettings(), k) for k in SEARCHED}  # Table 5 first
-    assert {k: best[k] for k in SEARCHED} in tried and best["micro_batch"] == 0
+        assert settings["micro_batch"] == 0  # a fixed setting
+        spent = SamplerSettings.from_mapping(settings)
+        assert spent.num_steps == steps[spent.solver] and spent.nfe == 5
+    tried = [s for (_, s), _ in arms]
+    assert {s["solver"] for s in tried} == set(TUNED_SOLVERS)  # every solver's start ran
+    assert {k: tried[0][k] for k in SEARCHED} == {k: getattr(SamplerSettings(), k) for k in SEARCHED}  # Table 5
+    assert tried[0]["solver"] == "heun"
+    assert any(all(s[k] == v for k, v in best.items()) for s in tried) and best["micro_batch"] == 0
     out = capsys.readouterr().out
     assert "| 0 (Table 5) |" in out and "**best**" in out and (tmp_path / "best.png").stat().st_size > 0
-    header = (tmp_path / "best.yaml").read_text().splitlines()[:3]
+    header = (tmp_path / "best.yaml").read_text().splitlines()[:4]
     assert all(line.startswith("# ") for line in header) and "fid-digits, 6 samples per arm" in header[1]
+    assert header[3] == (f"# found by: kve tune --ckpt_path {ckpt} --nfe 5 --n 6 --seed 10 --budget 1.0 --bootstrap 20 "
+                         f"--out {tmp_path / 'best.yaml'} --batch_size 4 --device cpu --model.micro_batch 0")
 
 
 def test_tiny_budget_writes_table5(trained_run, tmp_path, spied_sampler):
     _, ckpt = trained_run
     best = run_tune(ckpt, tmp_path / "best.yaml", "--budget", "1e-4")
     assert len(spied_sampler) == 2  # the baseline's two batches only
-    assert best == {"num_steps": 3} | {k: getattr(SamplerSettings(), k) for k in SEARCHED}
+    own = KarrasVeModule.from_checkpoint(ckpt).sampler
+    assert best == {"num_steps": 3, "solver": "heun"} | {k: getattr(SamplerSettings(), k) for k in SEARCHED} | {
+        "schedule": own.schedule, "clamp_denoised": own.clamp_denoised}  # rho: no effect on the VE schedule
     # an existing --out and --plot are replaced with --overwrite true (refused without it: test_bad_tune_input)
     (tmp_path / "best.yaml").write_text("mine")
     assert run_tune(ckpt, tmp_path / "best.yaml", "--budget", "1e-4", "--overwrite", "true") == best
@@ -187,13 +274,17 @@ def manifest_sampler(folder):
     return json.loads((folder / "manifest.json").read_text())["sampler"]
 
 
-def test_written_yaml_sets_predict_sample_and_export(trained_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("solvers", ["all", "[restart]", "[dpmpp_2m_sde]"])
+def test_written_yaml_sets_predict_sample_and_export(trained_run, tmp_path, monkeypatch, solvers):
     """The YAML kve tune writes is a config for `kve predict --config`, `kve sample --config` and `kve export
-    --config`; their settings become its values (N = 3 from --nfe 5; the checkpoint has 4); flags override it."""
+    --config`, whichever solver won; their settings become its values (N from --nfe 5: 3 Heun steps, 2 of Restart's
+    main pass, 5 of the others; the checkpoint has 4); flags override it."""
     _, ckpt = trained_run
-    best = run_tune(ckpt, tmp_path / "best.yaml", "--budget", "0.02")
+    chosen = [] if solvers == "all" else ["--solvers", solvers]
+    best = run_tune(ckpt, tmp_path / "best.yaml", "--budget", "0.02", *chosen)
     config = str(tmp_path / "best.yaml")
-    assert KarrasVeModule.from_checkpoint(ckpt).sampler.num_steps == 4 and best["num_steps"] == 3
+    assert KarrasVeModule.from_checkpoint(ckpt).sampler.num_steps == 4
+    assert best["num_steps"] == {"heun": 3, "restart": 2}.get(best["solver"], 5)  # the most within NFE 5
     monkeypatch.chdir(tmp_path)
     cli_main(["predict", f"--ckpt_path={ckpt}", f"--config={config}", "--seeds=0-1",
               f"--out={tmp_path / 'predict'}", "--trainer.logger=false",
@@ -219,7 +310,8 @@ def bad(tmp_path, trained_run):
     files = {"toplevel.yaml": "model:\n  s_churn: 1\ntrainers:\n  max_epochs: 1\n",
              "typo.yaml": "model:\n  s_chrun: 1\n", "scalar.yaml": "model: 3\n", "list.yaml": "- 1\n",
              "broken.yaml": "model: [1,\n", "value.yaml": "model:\n  s_churn: lots\n",
-             "steps.yaml": "model:\n  num_steps: 4\n", "all.yaml": yaml.safe_dump({"model": CHURN}),
+             "steps.yaml": "model:\n  num_steps: 4\n",
+             "heun.yaml": yaml.safe_dump({"model": CHURN | {"schedule": "edm", "rho": 5.0, "clamp_denoised": True}}),
              "existing.yaml": "mine\n"}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
@@ -251,8 +343,8 @@ def test_bad_config_sample_and_export(bad, tmp_path, capsys, name, needles):
 
 
 TUNE_CASES = [
-    (["--nfe", "34"], ["--nfe 34", "heun", "2N - 1"]),
-    (["--nfe", "1"], ["--nfe 1"]),
+    (["--nfe", "2"], ["--nfe 2", "heun", "2N - 1"]),  # the Table 5 arm is Algorithm 2's, whatever --solvers
+    (["--nfe", "1", "--solvers", "[dpmpp_2m]"], ["--nfe 1"]),
     (["--n", "1"], ["--n must be >= 2, got 1"]),
     (["--budget", "0"], ["--budget", "got 0.0"]),
     (["--budget", "nan"], ["budget", "nan"]),
@@ -267,7 +359,12 @@ TUNE_CASES = [
     (["--out", "{ckpt}"], ["--out", "is --ckpt_path"]),
     (["--model.num_steps", "4"], ["num_steps=4", "--nfe"]),
     (["--config", "{tmp}/steps.yaml"], ["num_steps=4", "--nfe"]),
-    (["--config", "{tmp}/all.yaml"], ["nothing to search"]),
+    (["--config", "{tmp}/heun.yaml", "--solvers", "[heun]"], ["nothing to search", "['heun']"]),
+    (["--model.solver", "restart"], ["solver=restart", "--solvers"]),
+    (["--model.nfe_budget", "7"], ["nfe_budget=7", "--nfe"]),
+    (["--solvers", "[ipndm,ipndm]"], ["--solvers", "once", "['ipndm', 'ipndm']"]),
+    (["--solvers", "[]"], ["--solvers", "once", "[]"]),
+    (["--solvers", "[euler]"], ["solvers", "euler"]),
     (["--config", "{tmp}/typo.yaml"], ["model", "'s_chrun'"]),
     (["--model.s_min", "5", "--model.s_max", "1"], ["s_min must be <= s_max"]),
     (["--ckpt_path", "{tmp}/missing.ckpt"], ["missing.ckpt", "does not exist"]),
@@ -285,3 +382,24 @@ def test_bad_tune_input(bad, tmp_path, capsys, args, needles):
     argv += ([] if "--out" in args else ["--out", "{tmp}/best.yaml"]) + ([] if "--n" in args else ["--n", "4"])
     line = assert_refused(lambda: tune_main(list(map(bad, argv))), capsys, *needles, folder=tmp_path)
     assert line.startswith("kve tune: error:"), line
+
+
+@pytest.mark.parametrize("nfe", [7, 15, 35])
+def test_the_shipped_configs_spend_their_budget_and_say_how_they_were_found(nfe):
+    """configs/digits_nfe{7,15,35}.yaml: settings spending the NFE in their name, and a comment with both metrics
+    and the `kve tune` command that found them."""
+    path = Path(__file__).resolve().parents[1] / "configs" / f"digits_nfe{nfe}.yaml"
+    text = path.read_text()
+    settings = SamplerSettings(sigma_max=9.63, **yaml.safe_load(text)["model"])
+    assert settings.nfe == nfe
+    comments = [line for line in text.splitlines() if line.startswith("# ")]
+    if nfe == 35:  # the default job's own sampler, which beat kve tune's 35-NFE result on both metrics
+        default = yaml.safe_load((path.parent / "digits.yaml").read_text())["model"]
+        shared = [k for k in default if k in settings.to_dict() and k != "sigma_max"]  # sigma_max: auto
+        assert shared and all(settings.to_dict()[k] == default[k] for k in shared)
+        assert any("FID-digits" in line and "FD-pixels" in line for line in comments) and "kve tune" in text
+        return
+    assert any("best fid-digits" in line and "FD-pixels" in line for line in comments)
+    assert f"at most {nfe} NFE" in text
+    assert "# found by: kve tune --ckpt_path runs/obj-ve/checkpoints/last.ckpt " in text
+    assert f"--nfe {nfe} " in text

@@ -17,7 +17,7 @@ COMMANDS = {
     "export": "a checkpoint -> a diffusers folder",
     "inpaint": "fill in the masked part of images",
     "likelihood": "bits/dim of held-out images through the probability-flow ODE",
-    "tune": "search the sampler's churn settings at a fixed NFE",
+    "tune": "search the solver and its settings at a fixed NFE",
     "phema": "post-hoc EMA: reconstruct the EMA of any relative std from a run's snapshots",
 }
 

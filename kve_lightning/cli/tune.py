@@ -1,11 +1,12 @@
-"""``kve tune``: S_churn, S_tmin, S_tmax, S_noise of EDM Algorithm 2 searched at a fixed NFE
-(``kve_lightning.search``)."""
+"""``kve tune``: the solver and its settings searched at a fixed NFE (``kve_lightning.search``)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,41 +17,60 @@ from tqdm import tqdm
 from kve_lightning.cli.common import DataSource, at_least, check_outputs, load_model, parse_device, writable_file
 from kve_lightning.metrics import PixelFD, feature_net
 from kve_lightning.sampling import SamplerSettings
-from kve_lightning.search import METRICS, SEARCHED, Arm, Scorer, format_table, paired_intervals, tune, winner_yaml
+from kve_lightning.search import (METRICS, RESTART_PARTS, SEARCHED, SOLVER_SETTINGS, TUNED_SOLVERS, Arm, Scorer,
+                                  TunedSolver, describe, format_table, paired_intervals, start, tune, winner_yaml)
 from kve_lightning.search import plot as plot_arms
 from kve_lightning.storage import save_atomic
 
-DOC = """Tune the sampler's stochasticity (S_churn, S_tmin, S_tmax, S_noise) of a trained model at a fixed NFE.
+DOC = """Tune the solver and its settings of a trained model at a fixed NFE budget.
 
-    kve tune --ckpt_path runs/digits/checkpoints/last.ckpt --nfe 35 --n 1000 --budget 10 --out best.yaml
+    kve tune --ckpt_path runs/digits/checkpoints/last.ckpt --nfe 7 --n 1000 --budget 10 --out best.yaml
     kve sample --ckpt_path runs/digits/checkpoints/last.ckpt --config best.yaml --out samples/tuned
 
-Every arm samples the same --n seeds (common random numbers: the same initial noise and the same churn noise per
-seed), so arms differ only by their settings. The first arm is EDM Table 5's VE settings (80 / 0.05 / 1 / 1.007);
-then a compass search moves one setting at a time, keeping moves that lower the FID (against the data set's images,
---metric) unless they make the second metric, FD-pixels (the Frechet distance of raw pixels' principal components to
-half of the data set's images, as a multiple of the other half's), worse beyond its noise than the best arm's or Table
-5's (the paired --confidence interval of the difference above zero), with finer steps when no move helps, until
---budget minutes would be exceeded (estimated from the arm times) or no move helps. The search space: S_tmin, S_tmax in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)] (above,
-the churn is capped), S_noise in [0.5, 1.5]. Ctrl-C ends it and writes the best arm so far (none: nothing written).
-Each arm's FID and FD-pixels differences to Table 5 get paired bootstrap intervals (the same resampled seeds for both arms, the
-real statistics fixed). Prints a table, writes a plot (--plot) and the best arm as a YAML config (--out: `model:`
-with num_steps and the settings) for the --config of `kve predict`, `kve sample` and `kve export`; an existing --out
-or --plot is refused unless --overwrite true. --model.* flags fix settings: the model's own for the rest (a searched
-one given is left out of the search).
+Every arm samples the same --n seeds (common random numbers: the same initial noise and the same per-step noise per
+seed), so arms differ only by their settings, and spends at most --nfe network evaluations per image (each solver
+takes the largest N within them: nfe_budget). The first arm is Algorithm 2 with EDM Table 5's VE settings (80 / 0.05
+/ 1 / 1.007); then each of --solvers starts from its authors' settings on EDM's rho = 7 schedule (Restart: a
+deterministic main pass and one interval on [0.5, 2]), and a compass search per solver, the least promising first
+(none for one whose start has more than twice the best start's FID), moves one of its settings at a time: heun
+S_churn, S_tmin, S_tmax, S_noise, the schedule, rho, the clip of D; restart its first interval's t_min, t_max, K,
+N_restart, and heun's; dpmpp_2m_sde eta, S_noise, the schedule, rho, the solver type, the clip; dpmpp_2m the
+schedule, rho, the clip; ipndm the order, the schedule, rho, the clip. A move is kept if it lowers the FID (against
+the data set's images, --metric) unless it makes the second metric, FD-pixels (the Frechet distance of raw pixels'
+principal components to half of the data set's images, as a multiple of the other half's), worse beyond its noise
+than that search's best arm's or Table 5's (the paired --confidence interval of the difference above zero), with
+finer steps when no move helps, until its share of --budget minutes would be exceeded (estimated from the arm times)
+or no move helps; the winner is the solvers' best that wins by the same rule. The search space: S_tmin, S_tmax,
+t_min, t_max in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)] (above, the churn is capped), S_noise in
+[0.5, 1.5], eta in [0, 1.5], rho in [1, 20], K and N_restart up to 8. Ctrl-C ends it and writes the best arm so far
+(none: nothing written). Each arm's FID and FD-pixels differences to Table 5 get paired bootstrap intervals (the
+same resampled seeds for both arms, the real statistics fixed). Prints a table, writes a plot (--plot) and the best
+arm as a YAML config (--out: `model:` with num_steps, the solver and its settings, and a comment with both metrics
+and this command) for the --config of `kve predict`, `kve sample` and `kve export`; an existing --out or --plot is
+refused unless --overwrite true. --model.* flags fix settings: the model's own for the rest (a searched one given is
+left out of the search).
 """
 
 
-def num_steps_for(nfe: int, solver: str) -> int:
-    """N for a number of network evaluations: NFE = 2N - 1 with Heun, N with Euler."""
-    steps = (nfe + 1) // 2 if solver == "heun" else nfe
-    if steps < 2 or (solver == "heun" and nfe % 2 == 0):
-        rule = "2N - 1 (odd, >= 3)" if solver == "heun" else "N (>= 2)"
-        raise ValueError(f"--nfe {nfe} is not reachable with the {solver} solver: NFE = {rule}")
-    return steps
+def command_line(values: dict[str, Any]) -> str:
+    """``kve tune`` with the options among ``values`` (``run``'s arguments) that are not their defaults."""
+    defaults = {k: p.default for k, p in inspect.signature(run).parameters.items()}
+    parts = []
+    for key, value in values.items():
+        if key == "model":
+            parts += [f"--model.{k} {v}" for k, v in (value or {}).items()]
+        elif key == "data":
+            parts += [f"--data.{f.name} {getattr(value, f.name)}" for f in fields(value)
+                      if getattr(value, f.name) != getattr(defaults["data"], f.name)]
+        elif value != defaults[key]:
+            shown = str(value).lower() if value in (True, False) else value
+            shown = f"[{','.join(value)}]" if key == "solvers" else shown
+            parts.append(f"--{key} {shown}")
+    return " ".join(["kve tune", *parts])
 
 
 def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35,
+        solvers: list[TunedSolver] = list(TUNED_SOLVERS),
         metric: Literal["fid-digits", "fid-inception"] = "fid-digits", n: int = 1000, seed: int = 0,
         budget: float = 10.0, bootstrap: int = 200, confidence: float = 0.95, out: str = "best.yaml",
         plot: str | None = None,
@@ -61,7 +81,10 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
     Args:
         ckpt_path: a checkpoint written by `kve fit` (read weights-only).
         pipeline: a folder written by `kve export`, instead of ``ckpt_path``.
-        nfe: network evaluations per image (35: N = 18 Heun steps).
+        nfe: network evaluations per image, at most: each arm's solver takes the largest N within them
+            (``nfe_budget``; 35: N = 18 Heun steps, 35 DPM-Solver++ steps).
+        solvers: the solvers searched, each from its own start; the first arm is Algorithm 2 (heun) whatever they
+            are.
         metric: "fid-digits" (offline) or "fid-inception" (needs torch-fidelity and its weights).
         n: samples per arm: seeds ``seed`` to ``seed + n - 1``.
         seed: the first seed; also seeds the bootstrap.
@@ -75,6 +98,7 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
         device: the torch device (default: cuda if available, else cpu).
         overwrite: replace an existing ``out`` or ``plot``.
     """
+    command = command_line(locals())
     began = time.monotonic()
     for flag, value, low in (("--n", n, 2), ("--bootstrap", bootstrap, 1), ("--batch_size", batch_size, 1)):
         at_least(flag, value, low)
@@ -85,19 +109,29 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
     if not 0 <= seed <= 2**63 - n:
         raise ValueError(f"--seed {seed}: seeds must lie in [0, 2**63)")
     fixed = dict(model or {})
-    if "num_steps" in fixed:
-        raise ValueError(f"num_steps={fixed['num_steps']} is set by --nfe here: give --nfe instead")
-    searched = [name for name in SEARCHED if name not in fixed]
+    for name, flag in (("num_steps", "--nfe"), ("nfe_budget", "--nfe"), ("solver", "--solvers")):
+        if name in fixed:
+            raise ValueError(f"{name}={fixed[name]} is set by {flag} here: give {flag} instead")
+    if not solvers or len(set(solvers)) < len(solvers):
+        raise ValueError(f"--solvers must name each searched solver once, got {solvers}")
+    # a fixed restart_intervals fixes all its parts
+    fixed_names = set(fixed) | (set(RESTART_PARTS) if "restart_intervals" in fixed else set())
+    searched = sorted({n for solver in solvers for n in SOLVER_SETTINGS[solver]} - fixed_names)
     if not searched:
-        raise ValueError(f"nothing to search: all of {list(SEARCHED)} are fixed by --model.* or --config")
+        raise ValueError(f"nothing to search: all settings of {solvers} are fixed by --model.* or --config")
     plot = plot if plot else str(Path(out).with_suffix(".png"))
     check_outputs({"--out": out, "--plot": plot}, {"--ckpt_path": ckpt_path, "--pipeline": pipeline})
     out, plot_path = writable_file(out, "--out", overwrite), writable_file(plot, "--plot", overwrite)
     device = parse_device(device)
     trained = load_model(ckpt_path, pipeline, device)
     settings = trained.settings_with(fixed)
-    settings = settings.replace(num_steps=num_steps_for(nfe, settings.solver))
-    baseline = settings.replace(**{name: getattr(SamplerSettings(), name) for name in searched})  # Table 5
+    try:
+        settings = settings.replace(solver="heun", nfe_budget=nfe)
+    except ValueError as err:
+        raise ValueError(f"--nfe {nfe}: {err}") from None
+    baseline = settings.replace(**{name: getattr(SamplerSettings(), name) for name in SEARCHED  # Table 5
+                                   if name not in fixed})
+    starts = [s for s in (start(solver, settings, list(fixed)) for solver in solvers if solver != "heun") if s]
     try:
         net = feature_net(METRICS[metric]).to(device)
     except RuntimeError as err:  # fid-inception without torch-fidelity or its weights
@@ -126,29 +160,29 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
         return torch.cat(features), torch.cat(pixels)
 
     def report(arm: Arm, best: Arm) -> None:
-        s = arm.settings
-        tqdm.write(f"S_churn {s.s_churn:g}, S_tmin {s.s_min:g}, S_tmax {s.s_max:g}, S_noise {s.s_noise:g}: "
-                   f"{metric} {arm.fid:.2f}, FD-pixels {arm.pixels:.3f}x ({arm.seconds:.0f} s; best {best.fid:.2f}, "
-                   f"{best.pixels:.3f}x)", file=sys.stderr)
+        tqdm.write(f"{describe(arm.settings)} (NFE {arm.settings.nfe}): {metric} {arm.fid:.2f}, FD-pixels "
+                   f"{arm.pixels:.3f}x ({arm.seconds:.0f} s; this solver's best {best.fid:.2f}, {best.pixels:.3f}x)",
+                   file=sys.stderr)
 
     budget_s = budget * 60 - (time.monotonic() - began)
-    arms, best = tune(evaluate, scorers, baseline, searched, budget_s, confidence=confidence, report=report)
+    arms, best = tune(evaluate, scorers, baseline, searched, budget_s, confidence=confidence, report=report,
+                      starts=starts)
     if best is None:
         print("kve tune: interrupted during the first (Table 5) arm: no arm finished, nothing written", file=sys.stderr)
         sys.exit(130)
     paired_intervals(arms, confidence)
     pct = f"{confidence:.0%}"
-    summary = (f"{metric}, {n} samples per arm (seeds {seeds[0]}-{seeds[-1]} in every arm), NFE {nfe} "
-               f"(N = {settings.num_steps}, {settings.solver}), {len(arms)} arms in "
-               f"{(time.monotonic() - began) / 60:.1f} min")
+    summary = (f"{metric}, {n} samples per arm (seeds {seeds[0]}-{seeds[-1]} in every arm), at most {nfe} NFE "
+               f"(best: {best.settings.nfe}, N = {best.settings.num_steps}), solvers {', '.join(solvers)}, "
+               f"{len(arms)} arms in {(time.monotonic() - began) / 60:.1f} min")
     verdict = (f"best {metric} {best.fid:.2f} vs Table 5 {arms[0].fid:.2f}: difference {best.diff:+.2f}, {pct} paired "
                f"bootstrap interval [{best.interval[0]:+.2f}, {best.interval[1]:+.2f}] over {bootstrap} resamples; "
                f"FD-pixels {best.pixels:.3f}x vs {arms[0].pixels:.3f}x (real images: 1; sets of "
                f"{pixel_fd.set_size}), difference {best.pixels_diff:+.3f}, [{best.pixels_interval[0]:+.3f}, "
                f"{best.pixels_interval[1]:+.3f}]")
     print(f"{summary}\n\n{format_table(arms, best, confidence, metric)}\n\n{verdict}")
-    header = [f"kve tune: the best of {len(arms)} arms by compass search from EDM Table 5's VE settings;",
-              f"model {trained.source}; {summary};", f"{verdict}."]
+    header = [f"kve tune: the best of {len(arms)} arms, compass searches per solver from EDM Table 5's VE settings "
+              f"and the solvers' own;", f"{summary}; model {trained.source};", f"{verdict};", f"found by: {command}"]
     text = winner_yaml(best.settings, fixed, header)
     save_atomic(out, lambda f: f.write(text.encode()))
     plot_arms(arms, best, f"{metric}, n = {n}, NFE {nfe}: best - Table 5 = {best.diff:+.2f}, {pct} interval "

@@ -375,7 +375,10 @@ def test_benchmark_guidance_script_runs_end_to_end(cond_run, tmp_path):
     rows = bench.main([f"--ckpt_path={cond_run}", "--scales=1,2", "--per_class=3", f"--out-md={tmp_path / 'g.md'}"])
     assert [r["w"] for r in rows] == [1.0, 2.0] and all(0 <= r["accuracy"] <= 1 for r in rows)
     assert rows[1]["nfe"] == 2 * rows[0]["nfe"] and len(rows[0]["fid_per_class"]) == K  # 4 Heun steps: 7, 14
-    assert "requested-class accuracy" in (tmp_path / "g.md").read_text()
+    assert all(r["fd_pixels_pooled"] > 0 and len(r["fd_pixels_per_class"]) == K for r in rows)  # two metrics
+    assert "requested-class accuracy" in (tmp_path / "g.md").read_text() and "FD-pixels" in (tmp_path / "g.md").read_text()
+    again = bench.main([f"--from-json={tmp_path / 'g.json'}", f"--plot={tmp_path / 'g.png'}", "--mark=2"])
+    assert again == rows and (tmp_path / "g.png").stat().st_size > 0
 
 
 @pytest.mark.slow

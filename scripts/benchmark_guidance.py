@@ -26,6 +26,7 @@ it, per-class FID-digits and FD-pixels against that class's digits. The table al
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def digits_classifier():
 
 def parse_settings(pairs: list[str]) -> dict:
     """``FIELD=VALUE`` strings -> ``SamplerSettings`` overrides, typed by the field's default."""
-    defaults = SamplerSettings().to_dict()
+    defaults = dataclasses.asdict(SamplerSettings())  # every field (to_dict leaves unused ones out)
     overrides = {}
     for pair in pairs:
         key, _, value = pair.partition("=")

@@ -20,7 +20,8 @@ model's samples (seeds 0 .. K * per_class - 1, the same settings), each assigned
 it, per-class FID-digits and FD-pixels against that class's digits. The table also gives the NFE per image
 (``guidance.guided_nfe``: two network evaluations per step inside the guidance interval). Writes a markdown table
 (``--out-md``, the rows as JSON beside it) and, with ``--plot``, accuracy, FID-digits and FD-pixels against w
-(``--mark W``: the shipped w). ``--from-json`` redraws the table and plot from an earlier run's rows.
+(``--mark W``: the shipped w; ``--also LABEL=JSON``: other runs' rows beside, e.g. other guidance intervals).
+``--from-json`` redraws the table and plot from an earlier run's rows.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def measure(module: KarrasVeModule, scale: float, per_class: int, classifier, ba
     predicted = torch.from_numpy(classifier.predict(samples.flatten(1).numpy()))
     requested = torch.tensor(labels)
     fids, fds = class_quality(samples, requested, classes)
-    fid_all, fd_all = quality(samples)
+    # FD-pixels takes consecutive sets of rows: interleave the classes (seed 0 of classes 0..K-1, then seed 1, ...),
+    # so that a set holds every class alike; in class order a set of 898 of 1,000 would leave the last class out
+    fid_all, fd_all = quality(samples.unflatten(0, (classes, per_class)).transpose(0, 1).flatten(0, 1))
     nfe = guided_nfe(module.sampler.replace(guidance_scale=scale, **settings))
     return {"w": scale, "accuracy": (predicted == requested).double().mean().item(), "nfe": nfe,
             "fid_per_class": fids, "fid_mean": sum(fids.values()) / classes,
@@ -129,31 +132,41 @@ def table(rows: list[dict], reference: dict | None, header: str) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], reference: dict | None, path: str, mark: float | None) -> None:
-    """Accuracy, FID-digits and FD-pixels against w, three panels; ``mark``: the shipped w; dotted: ``reference``."""
+def plot(series: list[tuple[str, list[dict]]], reference: dict | None, path: str, mark: float | None,
+         note: str = "") -> None:
+    """Accuracy, FID-digits and FD-pixels against w, three panels, one colour per (label, rows) series (solid: mean
+    per class; dashed: pooled); ``mark``: the shipped w; dotted: the unconditional ``reference``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scales = [r["w"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-    axes[0].plot(scales, [r["accuracy"] for r in rows], "o-", color="C0")
-    axes[0].set_ylabel("requested-class accuracy")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for k, (label, rows) in enumerate(series):
+        scales, color = [r["w"] for r in rows], f"C{k}"
+        axes[0].plot(scales, [r["accuracy"] for r in rows], "o-", color=color, label=label)
+        for ax, key in ((axes[1], "fid"), (axes[2], "fd_pixels")):
+            ax.plot(scales, [r[f"{key}_mean"] for r in rows], "s-", color=color)
+            ax.plot(scales, [r[f"{key}_pooled"] for r in rows], "^--", color=color)
     for ax, key, name in ((axes[1], "fid", "FID-digits"), (axes[2], "fd_pixels", "FD-pixels (x real)")):
-        ax.plot(scales, [r[f"{key}_mean"] for r in rows], "s-", color="C1", label="mean per class")
-        ax.plot(scales, [r[f"{key}_pooled"] for r in rows], "^--", color="C2", label="pooled, all digits")
         if reference:
-            ax.axhline(reference[f"{key}_mean"], color="C1", ls=":", label="unconditional, per class")
-            ax.axhline(reference[f"{key}_pooled"], color="C2", ls=":", label="unconditional, pooled")
+            ax.axhline(reference[f"{key}_mean"], color="gray", ls=":")
+            ax.axhline(reference[f"{key}_pooled"], color="gray", ls="-.")
         ax.set_ylabel(name)
-    axes[1].legend(fontsize=7)
+    axes[0].set_ylabel("requested-class accuracy")
+    axes[0].axhline(0.97, color="gray", lw=0.6, ls=":")
+    axes[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color="k", marker="s", ls="-", label="mean per class"),
+               plt.Line2D([], [], color="k", marker="^", ls="--", label="pooled, all 1,797 digits")]
+    if reference:
+        handles += [plt.Line2D([], [], color="gray", ls=":", label="unconditional, per class"),
+                    plt.Line2D([], [], color="gray", ls="-.", label="unconditional, pooled")]
+    axes[1].legend(handles=handles, fontsize=7)
     for ax in axes:
         ax.set_xlabel("guidance weight w")
-        ax.set_xticks(scales)
         if mark is not None:
             ax.axvline(mark, color="k", lw=0.8, alpha=0.5)
-            ax.annotate(f"shipped w = {mark:g}", (mark, 1), xycoords=("data", "axes fraction"), fontsize=7,
+            ax.annotate(f"shipped w = {mark:g}{note}", (mark, 1), xycoords=("data", "axes fraction"), fontsize=7,
                         ha="left", va="top", xytext=(3, -3), textcoords="offset points")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -174,7 +187,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out-md", default=None, help="write the table here (and the rows as .json beside it)")
     p.add_argument("--plot", default=None, help="write accuracy, FID-digits and FD-pixels against w here (PNG)")
     p.add_argument("--mark", type=float, default=None, help="the shipped w, marked on the plot")
+    p.add_argument("--mark-note", default="", help="text after the shipped w on the plot, e.g. its interval")
     p.add_argument("--from-json", default=None, help="redraw the table and plot from an earlier run's .json")
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=JSON",
+                   help="another run's rows (its .json) drawn beside on the plot (repeatable)")
+    p.add_argument("--label", default="guidance everywhere", help="this run's series on the plot")
     args = p.parse_args(argv)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
@@ -210,7 +227,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         Path(args.out_md).with_suffix(".json").write_text(
             json.dumps(dict(header=header, reference=reference, rows=rows), indent=2) + "\n")
     if args.plot:
-        plot(rows, reference, args.plot, args.mark)
+        also = [(spec.rpartition("=")[0], json.loads(Path(spec.rpartition("=")[2]).read_text())["rows"])
+                for spec in args.also]
+        plot([(args.label, rows)] + also, reference, args.plot, args.mark, args.mark_note)
     return rows
 
 

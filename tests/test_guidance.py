@@ -381,6 +381,22 @@ def test_benchmark_guidance_script_runs_end_to_end(cond_run, tmp_path):
     assert again == rows and (tmp_path / "g.png").stat().st_size > 0
 
 
+def test_benchmark_autoguidance_script_runs_end_to_end(cond_run, tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+
+    path = REPO / "scripts" / "benchmark_autoguidance.py"
+    spec = importlib.util.spec_from_file_location("benchmark_autoguidance", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main([f"--ckpt_path={cond_run}", f"--guide_ckpt_path={cond_run}", "--scales=2", "--n=12",
+                       "--bootstrap=20", f"--out-md={tmp_path / 'a.md'}"])
+    assert [r["w"] for r in rows] == [1.0, 2.0] and rows[1]["nfe"] == 2 * rows[0]["nfe"]
+    assert rows[0]["fid_diff"] == 0 and rows[1]["fd_pixels"] > 0  # its own guide: D_w = D, but twice the cost
+    assert "FD-pixels" in (tmp_path / "a.md").read_text()
+
+
 @pytest.mark.slow
 def test_ddp_predict_with_labels_and_guidance_matches_one_process(cond_run, tmp_path):
     from conftest import REPO, TINY_MODEL_ARGS, run_kve

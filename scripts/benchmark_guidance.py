@@ -1,7 +1,8 @@
 """Requested-class accuracy and per-class FID-digits of a conditional digits model against the guidance weight w.
 
     python scripts/benchmark_guidance.py --ckpt_path runs/digits_cond/checkpoints/last.ckpt --scales 1,1.5,2,3 \
-        --per_class 100 [--guide_ckpt_path EARLY.ckpt] [--guidance_sigma_max 5] --out-md guidance.md [--plot g.png]
+        --per_class 100 [--guide_ckpt_path EARLY.ckpt] [--guidance_sigma_max 5] [--set s_noise=0.72 ...] \
+        [--uncond_ckpt_path runs/digits/checkpoints/last.ckpt] --out-md guidance.md [--plot g.png --mark 2]
 
 For every w of ``--scales`` it samples ``--per_class`` images of each class (seeds 0 .. per_class - 1 for every class
 and every w: common random numbers), classifier-free guided (or autoguided with ``--guide_ckpt_path``) at the
@@ -9,14 +10,24 @@ checkpoint's sampler settings. The **requested-class accuracy** is the fraction 
 assigns to the requested class: scikit-learn's logistic regression on the 80 % training part of the fixed stratified
 split of ``metrics.digits_split`` (its accuracy on the other 20 % is printed beside, the ceiling), fitted on pixels
 in [-1, 1]. **Per-class FID-digits** is FID-digits of a class's samples against all of that class's 1,797-digit
-images (about 180): small counts, so compare rows with each other. The table also gives the NFE per image
+images (about 180): small counts, so compare rows with each other. Beside it, as every FID-digits figure here,
+FD-pixels (``metrics.PixelFD``): per class, of a class's samples against that class's digits (one set of at most
+half the class's size), and pooled, FID-digits and FD-pixels (``metrics.Quality``) of all the samples against all
+1,797 digits, comparable with the unconditional tables of ``scripts/benchmark_quality.py`` at the same sample
+count. ``--set FIELD=VALUE`` overrides the checkpoint's sampler settings (``SamplerSettings`` fields), as
+``benchmark_quality.py``'s rows do. With ``--uncond_ckpt_path`` the table gets a reference row: an unconditional
+model's samples (seeds 0 .. K * per_class - 1, the same settings), each assigned to the class the classifier gives
+it, per-class FID-digits and FD-pixels against that class's digits. The table also gives the NFE per image
 (``guidance.guided_nfe``: two network evaluations per step inside the guidance interval). Writes a markdown table
-(``--out-md``, the rows as JSON beside it) and, with ``--plot``, accuracy and mean per-class FID against w.
+(``--out-md``, the rows as JSON beside it) and, with ``--plot``, accuracy, FID-digits and FD-pixels against w
+(``--mark W``: the shipped w; ``--also LABEL=JSON``: other runs' rows beside, e.g. other guidance intervals).
+``--from-json`` redraws the table and plot from an earlier run's rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -26,7 +37,9 @@ from tqdm import tqdm
 
 from kve_lightning.guidance import guided_nfe
 from kve_lightning.lit.module import KarrasVeModule
-from kve_lightning.metrics import digits_split, digits_with_labels, fid_from_images
+from kve_lightning.metrics import (PixelFD, Quality, digits_images, digits_split, digits_with_labels,
+                                  fid_from_images)
+from kve_lightning.sampling import SamplerSettings
 
 
 def digits_classifier():
@@ -38,8 +51,34 @@ def digits_classifier():
     return classifier, float(classifier.score(x_test.flatten(1).numpy(), y_test.numpy()))
 
 
-def measure(module: KarrasVeModule, scale: float, per_class: int, classifier, batch_size: int, **settings) -> dict:
-    """One row: the samples of every class at guidance weight ``scale``, their accuracy and per-class FID."""
+def parse_settings(pairs: list[str]) -> dict:
+    """``FIELD=VALUE`` strings -> ``SamplerSettings`` overrides, typed by the field's default."""
+    defaults = dataclasses.asdict(SamplerSettings())  # every field (to_dict leaves unused ones out)
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in defaults:
+            raise SystemExit(f"--set {pair!r}: {key!r} is not a SamplerSettings field")
+        kind = type(defaults[key])
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return overrides
+
+
+def class_quality(samples: torch.Tensor, assigned: torch.Tensor, classes: int) -> tuple[dict, dict]:
+    """Per-class FID-digits and FD-pixels of the ``samples`` assigned to each class against that class's digits."""
+    real, real_labels = digits_with_labels()
+    fids, fds = {}, {}
+    for c in range(classes):
+        mine, theirs = samples[assigned == c], real[real_labels == c]
+        fids[str(c)] = fid_from_images(theirs, mine)
+        fds[str(c)] = PixelFD(theirs, min(len(mine), len(theirs) // 2))(mine)
+    return fids, fds
+
+
+def measure(module: KarrasVeModule, scale: float, per_class: int, classifier, batch_size: int, quality: Quality,
+            **settings) -> dict:
+    """One row: the samples of every class at guidance weight ``scale``, their accuracy, per-class FID-digits and
+    FD-pixels, and the pooled FID-digits and FD-pixels."""
     classes = module.hparams.num_classes
     seeds = [s for _ in range(classes) for s in range(per_class)]
     labels = [c for c in range(classes) for _ in range(per_class)]
@@ -49,64 +88,148 @@ def measure(module: KarrasVeModule, scale: float, per_class: int, classifier, ba
     samples = torch.cat(batches)
     predicted = torch.from_numpy(classifier.predict(samples.flatten(1).numpy()))
     requested = torch.tensor(labels)
-    real, real_labels = digits_with_labels()
-    fids = {str(c): fid_from_images(real[real_labels == c], samples[requested == c]) for c in range(classes)}
+    fids, fds = class_quality(samples, requested, classes)
+    # FD-pixels takes consecutive sets of rows: interleave the classes (seed 0 of classes 0..K-1, then seed 1, ...),
+    # so that a set holds every class alike; in class order a set of 898 of 1,000 would leave the last class out
+    fid_all, fd_all = quality(samples.unflatten(0, (classes, per_class)).transpose(0, 1).flatten(0, 1))
     nfe = guided_nfe(module.sampler.replace(guidance_scale=scale, **settings))
     return {"w": scale, "accuracy": (predicted == requested).double().mean().item(), "nfe": nfe,
-            "fid_per_class": fids, "fid_mean": sum(fids.values()) / classes}
+            "fid_per_class": fids, "fid_mean": sum(fids.values()) / classes,
+            "fd_pixels_per_class": fds, "fd_pixels_mean": sum(fds.values()) / classes,
+            "fid_pooled": fid_all, "fd_pixels_pooled": fd_all}
+
+
+def unconditional_reference(ckpt: str, n: int, classes: int, classifier, batch_size: int, quality: Quality,
+                            **settings) -> dict:
+    """The reference row: an unconditional model's ``n`` samples, each assigned to the classifier's class."""
+    module = KarrasVeModule.from_checkpoint(ckpt)
+    seeds = list(range(n))
+    samples = torch.cat([module.sample(seeds[i:i + batch_size], **settings).clamp(-1, 1)
+                         for i in tqdm(range(0, n, batch_size), desc="unconditional", unit="batch")])
+    assigned = torch.from_numpy(classifier.predict(samples.flatten(1).numpy()))
+    fids, fds = class_quality(samples, assigned, classes)
+    fid_all, fd_all = quality(samples)
+    return {"w": None, "ckpt": ckpt, "nfe": module.sampler.replace(**settings).nfe,
+            "class_counts": {str(c): int((assigned == c).sum()) for c in range(classes)},
+            "fid_per_class": fids, "fid_mean": sum(fids.values()) / classes,
+            "fd_pixels_per_class": fds, "fd_pixels_mean": sum(fds.values()) / classes,
+            "fid_pooled": fid_all, "fd_pixels_pooled": fd_all}
+
+
+def table(rows: list[dict], reference: dict | None, header: str) -> str:
+    """The markdown table of ``rows`` (and the unconditional ``reference`` row)."""
+    lines = [header, "",
+             "| w | NFE | requested-class accuracy | mean per-class FID-digits (FD-pixels) | "
+             "worst class, FID-digits (FD-pixels) | pooled FID-digits (FD-pixels) |",
+             "|---|---|---|---|---|---|"]
+    for row in ([reference] if reference else []) + rows:
+        worst = max(row["fid_per_class"], key=row["fid_per_class"].get)
+        w = "unconditional" if row["w"] is None else f"{row['w']:g}"
+        accuracy = "-" if row["w"] is None else f"{row['accuracy']:.3f}"
+        lines.append(f"| {w} | {row['nfe']} | {accuracy} | {row['fid_mean']:.2f} ({row['fd_pixels_mean']:.2f}x) | "
+                     f"{worst}: {row['fid_per_class'][worst]:.2f} ({row['fd_pixels_per_class'][worst]:.2f}x) | "
+                     f"{row['fid_pooled']:.2f} ({row['fd_pixels_pooled']:.2f}x) |")
+    return "\n".join(lines)
+
+
+def plot(series: list[tuple[str, list[dict]]], reference: dict | None, path: str, mark: float | None,
+         note: str = "") -> None:
+    """Accuracy, FID-digits and FD-pixels against w, three panels, one colour per (label, rows) series (solid: mean
+    per class; dashed: pooled); ``mark``: the shipped w; dotted: the unconditional ``reference``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for k, (label, rows) in enumerate(series):
+        scales, color = [r["w"] for r in rows], f"C{k}"
+        axes[0].plot(scales, [r["accuracy"] for r in rows], "o-", color=color, label=label)
+        for ax, key in ((axes[1], "fid"), (axes[2], "fd_pixels")):
+            ax.plot(scales, [r[f"{key}_mean"] for r in rows], "s-", color=color)
+            ax.plot(scales, [r[f"{key}_pooled"] for r in rows], "^--", color=color)
+    for ax, key, name in ((axes[1], "fid", "FID-digits"), (axes[2], "fd_pixels", "FD-pixels (x real)")):
+        if reference:
+            ax.axhline(reference[f"{key}_mean"], color="gray", ls=":")
+            ax.axhline(reference[f"{key}_pooled"], color="gray", ls="-.")
+        ax.set_ylabel(name)
+    axes[0].set_ylabel("requested-class accuracy")
+    axes[0].axhline(0.97, color="gray", lw=0.6, ls=":")
+    axes[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color="k", marker="s", ls="-", label="mean per class"),
+               plt.Line2D([], [], color="k", marker="^", ls="--", label="pooled, all 1,797 digits")]
+    if reference:
+        handles += [plt.Line2D([], [], color="gray", ls=":", label="unconditional, per class"),
+                    plt.Line2D([], [], color="gray", ls="-.", label="unconditional, pooled")]
+    axes[1].legend(handles=handles, fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("guidance weight w")
+        if mark is not None:
+            ax.axvline(mark, color="k", lw=0.8, alpha=0.5)
+            ax.annotate(f"shipped w = {mark:g}{note}", (mark, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                        ha="left", va="top", xytext=(3, -3), textcoords="offset points")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_path", required=True, help="a conditional digits checkpoint (num_classes 10)")
+    p.add_argument("--ckpt_path", default=None, help="a conditional digits checkpoint (num_classes 10)")
     p.add_argument("--guide_ckpt_path", default=None, help="a weaker model that guides (autoguidance)")
     p.add_argument("--scales", default="1,1.5,2,3", help="guidance weights w, comma-separated")
     p.add_argument("--per_class", type=int, default=100, help="samples per class and w")
     p.add_argument("--guidance_sigma_min", type=float, default=None, help="the guidance interval's bottom")
     p.add_argument("--guidance_sigma_max", type=float, default=None, help="the guidance interval's top")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a SamplerSettings override for every row (repeatable)")
+    p.add_argument("--uncond_ckpt_path", default=None, help="an unconditional model for the reference row")
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--out-md", default=None, help="write the table here (and the rows as .json beside it)")
-    p.add_argument("--plot", default=None, help="write accuracy and mean per-class FID against w here (PNG)")
+    p.add_argument("--plot", default=None, help="write accuracy, FID-digits and FD-pixels against w here (PNG)")
+    p.add_argument("--mark", type=float, default=None, help="the shipped w, marked on the plot")
+    p.add_argument("--mark-note", default="", help="text after the shipped w on the plot, e.g. its interval")
+    p.add_argument("--from-json", default=None, help="redraw the table and plot from an earlier run's .json")
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=JSON",
+                   help="another run's rows (its .json) drawn beside on the plot (repeatable)")
+    p.add_argument("--label", default="guidance everywhere", help="this run's series on the plot")
     args = p.parse_args(argv)
-    guide = {} if args.guide_ckpt_path is None else {"guide_ckpt_path": args.guide_ckpt_path}
-    module = KarrasVeModule.from_checkpoint(args.ckpt_path, **guide)
-    if not module.hparams.num_classes:
-        raise SystemExit(f"--ckpt_path {args.ckpt_path!r} is an unconditional model (num_classes 0)")
-    interval = {k: v for k, v in (("guidance_sigma_min", args.guidance_sigma_min),
-                                  ("guidance_sigma_max", args.guidance_sigma_max)) if v is not None}
-    classifier, ceiling = digits_classifier()
-    rows = [measure(module, float(w), args.per_class, classifier, args.batch_size, **interval)
-            for w in args.scales.split(",")]
-    lines = [f"classifier: logistic regression of the real digits, held-out accuracy {ceiling:.3f}; "
-             f"{args.per_class} samples per class; {'autoguidance' if guide else 'classifier-free guidance'}"
-             f"{f', interval {interval}' if interval else ''}", "",
-             "| w | NFE | requested-class accuracy | mean per-class FID-digits | worst class (FID) |",
-             "|---|---|---|---|---|"]
-    for row in rows:
-        worst = max(row["fid_per_class"], key=row["fid_per_class"].get)
-        lines.append(f"| {row['w']:g} | {row['nfe']} | {row['accuracy']:.3f} | {row['fid_mean']:.2f} | "
-                     f"{worst} ({row['fid_per_class'][worst]:.2f}) |")
-    table = "\n".join(lines)
-    print(table)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        rows, reference, header = saved["rows"], saved["reference"], saved["header"]
+    else:
+        if args.ckpt_path is None:
+            p.error("--ckpt_path is required (or --from-json)")
+        guide = {} if args.guide_ckpt_path is None else {"guide_ckpt_path": args.guide_ckpt_path}
+        module = KarrasVeModule.from_checkpoint(args.ckpt_path, **guide)
+        if not module.hparams.num_classes:
+            raise SystemExit(f"--ckpt_path {args.ckpt_path!r} is an unconditional model (num_classes 0)")
+        settings = parse_settings(args.set)
+        settings.update({k: v for k, v in (("guidance_sigma_min", args.guidance_sigma_min),
+                                           ("guidance_sigma_max", args.guidance_sigma_max)) if v is not None})
+        classifier, ceiling = digits_classifier()
+        classes = module.hparams.num_classes
+        quality = Quality(digits_images(8, 1), classes * args.per_class)
+        rows = [measure(module, float(w), args.per_class, classifier, args.batch_size, quality, **settings)
+                for w in args.scales.split(",")]
+        reference = None if args.uncond_ckpt_path is None else unconditional_reference(
+            args.uncond_ckpt_path, classes * args.per_class, classes, classifier, args.batch_size, quality,
+            **{k: v for k, v in settings.items() if not k.startswith("guidance_")})
+        header = (f"classifier: logistic regression of the real digits, held-out accuracy {ceiling:.3f}; "
+                  f"{args.per_class} samples per class (seeds 0-{args.per_class - 1} in every class and row); "
+                  f"{'autoguidance' if guide else 'classifier-free guidance'}; settings: the checkpoint's"
+                  f"{f' with {settings}' if settings else ''}. FD-pixels per class: a class's samples against "
+                  f"its digits; pooled: all samples against all 1,797 digits (FID-digits and FD-pixels, "
+                  f"metrics.Quality).")
+    text = table(rows, reference, header)
+    print(text)
     if args.out_md:
-        Path(args.out_md).write_text(table + "\n")
-        Path(args.out_md).with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.out_md).write_text(text + "\n")
+        Path(args.out_md).with_suffix(".json").write_text(
+            json.dumps(dict(header=header, reference=reference, rows=rows), indent=2) + "\n")
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, left = plt.subplots(figsize=(5, 3.5))
-        scales = [r["w"] for r in rows]
-        left.plot(scales, [r["accuracy"] for r in rows], "o-", color="C0")
-        left.set_xlabel("guidance weight w")
-        left.set_ylabel("requested-class accuracy", color="C0")
-        right = left.twinx()
-        right.plot(scales, [r["fid_mean"] for r in rows], "s--", color="C1")
-        right.set_ylabel("mean per-class FID-digits", color="C1")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        also = [(spec.rpartition("=")[0], json.loads(Path(spec.rpartition("=")[2]).read_text())["rows"])
+                for spec in args.also]
+        plot([(args.label, rows)] + also, reference, args.plot, args.mark, args.mark_note)
     return rows
 
 

@@ -5,8 +5,9 @@ table.
         --row "tuned=runs/digits/checkpoints/last.ckpt,s_churn=20,s_max=10" --nfe 7,15,35,79 --n 1000
 
 Each ``--row LABEL=CKPT[,FIELD=VALUE...]`` is a checkpoint with ``SamplerSettings`` overrides (its own settings
-otherwise); every row is sampled with D clipped and, with ``--clip both`` (default), unclipped too, at each NFE
-(Heun: N = (NFE + 1) / 2 steps), from the same seeds 0 .. n-1 (common random numbers across rows). Each cell gives
+otherwise; ``guide_ckpt_path=F`` autoguides it with the model F at the row's ``guidance_scale``, and then each
+image costs twice the column's NFE); every row is sampled with D clipped and, with ``--clip both`` (default),
+unclipped too, at each NFE (Heun: N = (NFE + 1) / 2 steps), from the same seeds 0 .. n-1 (common random numbers across rows). Each cell gives
 two independent measures of the same samples: FID-digits against all 1,797 digits (as `kve tune` and the earlier
 tables; real-vs-real floor of two halves ``digits_fid_floor``), and FD-pixels (``kve_lightning.metrics.PixelFD``:
 the Frechet distance of raw pixels' top 16 principal components to a fixed half of the digits, in sets of the other
@@ -17,6 +18,7 @@ half's size, 898, as a multiple of the other half's; 1.0 is a perfect model). Wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -33,10 +35,13 @@ def parse_row(spec: str) -> tuple[str, str, dict]:
     """``LABEL=CKPT[,FIELD=VALUE...]`` -> (label, checkpoint, settings overrides typed by ``SamplerSettings``)."""
     label, _, rest = spec.partition("=")
     ckpt, *pairs = rest.split(",")
-    defaults = SamplerSettings().to_dict()
+    defaults = dataclasses.asdict(SamplerSettings())  # every field (to_dict leaves unused ones out)
     overrides = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
+        if key == "guide_ckpt_path":  # autoguidance: the module's guide, not a SamplerSettings field
+            overrides[key] = value
+            continue
         if key not in defaults:
             raise SystemExit(f"--row {spec!r}: {key!r} is not a SamplerSettings field")
         kind = type(defaults[key])
@@ -61,9 +66,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     with tqdm(total=len(rows) * len(clips) * len(nfes) * args.n, unit="img", desc="sampling") as bar:
         for label, ckpt, overrides in rows:
-            module = KarrasVeModule.from_checkpoint(ckpt)
+            guide = {k: overrides.pop(k) for k in ("guide_ckpt_path",) if k in overrides}
+            module = KarrasVeModule.from_checkpoint(ckpt, **guide)
             for clip in (overrides.pop("clamp_denoised"),) if "clamp_denoised" in overrides else clips:
-                cell = dict(label=label, ckpt=ckpt, clamp_denoised=clip, **overrides)
+                cell = dict(label=label, ckpt=ckpt, clamp_denoised=clip, **guide, **overrides)
                 for nfe in nfes:
                     samples = []
                     for k in range(0, len(seeds), args.batch_size):

@@ -375,7 +375,26 @@ def test_benchmark_guidance_script_runs_end_to_end(cond_run, tmp_path):
     rows = bench.main([f"--ckpt_path={cond_run}", "--scales=1,2", "--per_class=3", f"--out-md={tmp_path / 'g.md'}"])
     assert [r["w"] for r in rows] == [1.0, 2.0] and all(0 <= r["accuracy"] <= 1 for r in rows)
     assert rows[1]["nfe"] == 2 * rows[0]["nfe"] and len(rows[0]["fid_per_class"]) == K  # 4 Heun steps: 7, 14
-    assert "requested-class accuracy" in (tmp_path / "g.md").read_text()
+    assert all(r["fd_pixels_pooled"] > 0 and len(r["fd_pixels_per_class"]) == K for r in rows)  # two metrics
+    assert "requested-class accuracy" in (tmp_path / "g.md").read_text() and "FD-pixels" in (tmp_path / "g.md").read_text()
+    again = bench.main([f"--from-json={tmp_path / 'g.json'}", f"--plot={tmp_path / 'g.png'}", "--mark=2"])
+    assert again == rows and (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_benchmark_autoguidance_script_runs_end_to_end(cond_run, tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+
+    path = REPO / "scripts" / "benchmark_autoguidance.py"
+    spec = importlib.util.spec_from_file_location("benchmark_autoguidance", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main([f"--ckpt_path={cond_run}", f"--guide_ckpt_path={cond_run}", "--scales=2", "--n=12",
+                       "--bootstrap=20", f"--out-md={tmp_path / 'a.md'}"])
+    assert [r["w"] for r in rows] == [1.0, 2.0] and rows[1]["nfe"] == 2 * rows[0]["nfe"]
+    assert rows[0]["fid_diff"] == 0 and rows[1]["fd_pixels"] > 0  # its own guide: D_w = D, but twice the cost
+    assert "FD-pixels" in (tmp_path / "a.md").read_text()
 
 
 @pytest.mark.slow

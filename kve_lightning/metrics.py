@@ -303,10 +303,12 @@ class Quality:
         real: the real images [N, C, H, W] in [-1, 1] (the tables: all 1,797 digits).
         set_size: FD-pixels' set size (default: half of ``real``).
         features: the FID's feature network.
+        device: where the FID's network runs (FD-pixels runs on the CPU).
     """
 
-    def __init__(self, real: torch.Tensor, set_size: int | None = None, features: Features = "digits"):
-        self.fid = build_fid(real, features)
+    def __init__(self, real: torch.Tensor, set_size: int | None = None, features: Features = "digits",
+                 device: torch.device | str | None = None):
+        self.fid = build_fid(real, features, device=device)
         self.pixels = PixelFD(real, set_size)
 
     @torch.no_grad()

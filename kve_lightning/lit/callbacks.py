@@ -11,7 +11,6 @@ them to the ``Trainer`` like any callback. Nothing here is collective.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import lightning as L
 import torch
@@ -22,7 +21,7 @@ from torchvision.utils import make_grid
 
 from kve_lightning.lit.data import FlipDataset
 from kve_lightning.masks import MASK_SPECS, complete, inpainting_grid, parse_mask
-from kve_lightning.metrics import Features, PixelFD, build_fid
+from kve_lightning.metrics import Features, Quality
 from kve_lightning.sampling import ALGORITHM2
 from kve_lightning.storage import to_unit
 
@@ -164,8 +163,7 @@ class FID(Evaluation):
     """Logs ``val/fid``, FID (``kve_lightning.metrics``) of ``num_samples`` samples (seeds 10**6, ...) against the
     training images, and beside it ``val/fd_pixels``, FD-pixels of the same samples against them (``PixelFD``: a
     multiple of the distance between two halves of the training images; 1.0 is a perfect model): two independent
-    measures, never one. The real statistics
-    are computed once per process.
+    measures, never one (``Quality``). The real statistics are computed once per process.
 
     Args:
         every_n_epochs: log at the validations that end epochs n, 2n, ... (0: never).
@@ -177,24 +175,20 @@ class FID(Evaluation):
         super().__init__(every_n_epochs)
         _at_least("num_samples", num_samples, 2)
         self.num_samples, self.features = num_samples, features
-        self._metric: Any = None
-        self._pixels: PixelFD | None = None
+        self._quality: Quality | None = None
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._metric is None:
+        if self._quality is None:
             train = trainer.datamodule.train_set
             train = train.dataset if isinstance(train, FlipDataset) else train  # no random flips: no global RNG use
             loader = DataLoader(train, batch_size=512, generator=torch.Generator())
             real = torch.cat([images for images, _ in loader])
-            self._metric = build_fid(real, self.features, device=pl_module.device)
-            self._pixels = PixelFD(real, self.num_samples)
-        self._metric.reset()
-        samples = []
-        for seeds in torch.arange(10**6, 10**6 + self.num_samples).split(256):
-            samples.append(pl_module.sample(seeds).clamp(-1, 1))
-            self._metric.update(samples[-1], real=False)
-        pl_module.log("val/fid", self._metric.compute().item(), rank_zero_only=True)
-        pl_module.log("val/fd_pixels", self._pixels(torch.cat(samples)), rank_zero_only=True)
+            self._quality = Quality(real, self.num_samples, self.features, device=pl_module.device)
+        samples = torch.cat([pl_module.sample(seeds).clamp(-1, 1)
+                             for seeds in torch.arange(10**6, 10**6 + self.num_samples).split(256)])
+        fid, pixels = self._quality(samples)
+        pl_module.log("val/fid", fid, rank_zero_only=True)
+        pl_module.log("val/fd_pixels", pixels, rank_zero_only=True)
 
 
 class BitsPerDim(Evaluation):

@@ -1,15 +1,18 @@
 """Writing samples as PNG files: one per seed, ``{seed:06d}.png``, plus a grid; the same bytes from every entry point.
 
 A sample folder also holds ``manifest.json``: the weights' SHA-256, the image size and channel count, the sampler
-settings, and for a conditional model the class labels of its seeds (and a guide's SHA-256). Every writer (``kve
-predict``, ``kve sample --ckpt_path`` or ``--pipeline``) refuses a folder whose manifest differs from its own, so one
-folder never mixes images of different models or settings, and it can skip the seeds whose PNG is already there: an
-interrupted run resumes where it stopped, whichever entry point wrote the folder.
+settings, and for a conditional model the class label of each seed it was given (and a guide's SHA-256). Every writer
+(``kve predict``, ``kve sample --ckpt_path`` or ``--pipeline``) refuses a folder whose manifest differs from its own,
+so one folder never mixes images of different models or settings, and it can skip the seeds whose PNG is already
+there: an interrupted run resumes where it stopped, whichever entry point wrote the folder. Labels are the one part
+that grows: a run may add seeds of any class to a folder, as long as every seed it shares with the folder keeps its
+class; the manifest then records the union.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -145,14 +148,12 @@ def sample_manifest(denoiser: torch.nn.Module, settings: SamplerSettings, labels
     preconditioning (``precond`` and ``sigma_data``, for "edm" only: a VE folder's manifest is that of earlier
     versions), and the sampler settings that change images with the NFE spent per image
     (``SamplerSettings.manifest``: Algorithm 2 with none of the later solvers' settings, and without guidance the
-    guidance settings, as in earlier versions). ``labels`` (seed -> class) are recorded as one label when every
-    seed has the same (more seeds of that class may join the folder later), else as the whole map; ``guide``'s UNet
-    weights when it guides."""
+    guidance settings, as in earlier versions). ``labels`` (seed -> class) are recorded as a map of seeds (strings)
+    to classes; ``guide``'s UNet weights when it guides."""
     unet = denoiser.unet
     precond = {"precond": denoiser.precond, "sigma_data": denoiser.sigma_data} if denoiser.precond != "ve" else {}
     guiding = settings.guidance_scale != 1
-    classes = {} if labels is None else {"labels": next(iter(set(labels.values()))) if len(set(labels.values())) == 1
-                                         else {str(seed): label for seed, label in sorted(labels.items())}}
+    classes = {} if labels is None else {"labels": {str(seed): int(label) for seed, label in sorted(labels.items())}}
     guided_by = {"guide_weights_sha256": weights_sha256(guide.unet)} if guiding and guide is not None else {}
     return {"kve_lightning_samples": 1, "weights_sha256": weights_sha256(unet),
             "image_size": int(unet.config.sample_size), "channels": int(unet.config.in_channels), **precond,
@@ -160,54 +161,104 @@ def sample_manifest(denoiser: torch.nn.Module, settings: SamplerSettings, labels
 
 
 def _flatten(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in manifest.items() if k != "sampler"} | dict(manifest.get("sampler", {}))
+    return {k: v for k, v in manifest.items() if k not in ("sampler", "labels")} | dict(manifest.get("sampler", {}))
 
 
-def check_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """A ``ValueError`` unless ``out_dir`` may take images of ``manifest``: its ``manifest.json`` is the same, or
-    it has none and holds no seed PNGs (images of unknown origin). Changes nothing."""
+def _stored_labels(out: Path, labels: Any) -> Any:
+    """A manifest's ``labels`` as a seed -> class map: one label for every seed (as earlier versions wrote it when
+    all seeds had the same) stands for the seeds whose PNG is in ``out``."""
+    if isinstance(labels, bool) or not isinstance(labels, int):
+        return labels
+    return {m[1].lstrip("0") or "0": labels for p in out.iterdir() if (m := re.fullmatch(r"(\d{6,})\.png", p.name))}
+
+
+def _merged_labels(out: Path, old: Any, new: Any) -> dict[str, int] | None:
+    """The union of two manifests' seed -> class maps, or a ``ValueError`` naming a seed they give different
+    classes; ``None`` when neither has labels."""
+    if old is None and new is None:
+        return None
+    if old is None or new is None or not isinstance(old, dict):
+        there, now = ("labels" if x is not None else "no labels (the null class)" for x in (old, new))
+        raise ValueError(f"output folder {str(out)!r} holds samples with {there}, this run makes them with {now}; "
+                         f"use a new folder")
+    clashes = sorted((int(seed) for seed in old.keys() & new.keys() if old[seed] != new[seed]))
+    if clashes:
+        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        raise ValueError(f"output folder {str(out)!r} holds seed {clashes[0]} as class {old[str(clashes[0])]}, this "
+                         f"run asks for class {new[str(clashes[0])]}{more}; use a new folder, or other seeds")
+    if not new.keys() - old.keys():
+        return old
+    return dict(sorted((old | new).items(), key=lambda item: int(item[0])))
+
+
+def check_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest ``out_dir`` has once it takes images of ``manifest``: ``manifest`` if it has none and holds no
+    seed PNGs (images of unknown origin refused), else its own, with the labels of both where ``manifest``'s add
+    seeds (``_merged_labels``). A ``ValueError`` when any other part differs. Changes nothing."""
     out = Path(out_dir)
     path = out / MANIFEST
     if not os.path.lexists(path):  # a dangling link is a manifest that cannot be read, not a missing one
         if any(SAMPLE_PNG.fullmatch(p.name) for p in out.iterdir()):
             raise ValueError(f"output folder {str(out)!r} holds sample PNGs but no {MANIFEST}: refusing to add images "
                              f"of possibly other weights or settings; use a new folder")
-        return
+        return manifest
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read {str(path)!r} ({err}); use a new folder") from None
     if old == manifest:
-        return
-    old, new = _flatten(old if isinstance(old, dict) else {}), _flatten(manifest)
-    diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k)]
-    raise ValueError(f"output folder {str(out)!r} holds samples of other weights or settings ({'; '.join(diff)}); "
-                     f"use a new folder (or the settings of its {MANIFEST})")
+        return old
+    old = old if isinstance(old, dict) else {}
+    flat_old, flat_new = _flatten(old), _flatten(manifest)
+    diff = [f"{k}: {flat_old.get(k)!r} there, {flat_new.get(k)!r} now"
+            for k in sorted(flat_old.keys() | flat_new.keys()) if flat_old.get(k) != flat_new.get(k)]
+    if diff:
+        raise ValueError(f"output folder {str(out)!r} holds samples of other weights or settings ({'; '.join(diff)}); "
+                         f"use a new folder (or the settings of its {MANIFEST})")
+    labels = _merged_labels(out, _stored_labels(out, old.get("labels")), manifest.get("labels"))
+    return old if labels == old.get("labels") else old | {"labels": labels}
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive ``flock`` on ``folder`` while the block runs (concurrent writers merging labels take turns); no
+    lock where the file system has none."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def open_sample_folder(out_dir: str | Path, manifest: dict[str, Any]) -> None:
     """``check_sample_folder``, then create ``manifest.json`` if missing, exclusively (a hard link of a complete
-    temporary file, which fails if another writer created it first), check the folder again (a ``ValueError`` if a
-    concurrent writer of other settings won), and delete the temporary files that dead writers left. Call it before
-    any image of this run is written; concurrent writers of the same settings may all call it."""
+    temporary file, which fails if another writer created it first), or replace it with the merged one where this
+    run adds labelled seeds (under ``_locked``: writers of one folder take turns), check the folder again (a
+    ``ValueError`` if a concurrent writer of other settings won), and delete the temporary files that dead writers
+    left. Call it before any image of this run is written; concurrent writers of the same settings may all call it."""
     out = Path(out_dir)
-    check_sample_folder(out, manifest)
-    if not os.path.lexists(out / MANIFEST):
-        payload = (json.dumps(manifest, indent=2) + "\n").encode()
-        tmp = out / f".{MANIFEST}.{writer_id()}.{os.urandom(4).hex()}.tmp"
-        with open(tmp, "xb") as f:
-            f.write(payload)
-        try:
-            os.link(tmp, out / MANIFEST)
-        except FileExistsError:
-            pass
-        except OSError:  # a file system without hard links: create it exclusively in place
-            with contextlib.suppress(FileExistsError), open(out / MANIFEST, "xb") as f:
+    with _locked(out):
+        merged = check_sample_folder(out, manifest)
+        payload = (json.dumps(merged, indent=2) + "\n").encode()
+        if os.path.lexists(out / MANIFEST):
+            if merged.get("labels") != json.loads((out / MANIFEST).read_text()).get("labels"):
+                save_atomic(out / MANIFEST, lambda f: f.write(payload))
+        else:
+            tmp = out / f".{MANIFEST}.{writer_id()}.{os.urandom(4).hex()}.tmp"
+            with open(tmp, "xb") as f:
                 f.write(payload)
-        finally:
-            tmp.unlink()
-    check_sample_folder(out, manifest)
+            try:
+                os.link(tmp, out / MANIFEST)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links: create it exclusively in place
+                with contextlib.suppress(FileExistsError), open(out / MANIFEST, "xb") as f:
+                    f.write(payload)
+            finally:
+                tmp.unlink()
+        check_sample_folder(out, manifest)
     for p in out.iterdir():
         if is_stale_temporary(p.name):
             p.unlink(missing_ok=True)

@@ -31,10 +31,18 @@ def _at_least(name: str, value: int, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
 
 
-def held_out_images(trainer: L.Trainer, count: int) -> torch.Tensor:
-    """The first ``count`` images of the data module's held-out split, [N, C, H, W] in [-1, 1]."""
+def held_out_images(trainer: L.Trainer, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` images of the data module's held-out split, [N, C, H, W] in [-1, 1], and their labels
+    [N] (-1 for unlabelled images)."""
     held_out = trainer.datamodule.val_set
-    return torch.stack([held_out[i][0] for i in range(min(count, len(held_out)))])
+    items = [held_out[i] for i in range(min(count, len(held_out)))]
+    return torch.stack([image for image, _ in items]), torch.tensor([int(label) for _, label in items])
+
+
+def class_labels(pl_module: L.LightningModule, labels: torch.Tensor) -> list[int] | None:
+    """``labels`` for a conditional model (``num_classes`` > 0), ``None`` (nothing to condition on) for an
+    unconditional one."""
+    return labels.tolist() if pl_module.hparams.get("num_classes", 0) else None
 
 
 class Evaluation(Callback):
@@ -123,7 +131,8 @@ class SampleGrid(Evaluation):
 
 class InpaintingGrid(Evaluation):
     """Logs ``samples/inpainting``: per held-out image, original | masked | ``completions`` completions (seeds
-    ``seed``, ...), as ``kve inpaint`` writes its grid.
+    ``seed``, ...), as ``kve inpaint`` writes its grid; a conditional model completes each image in its own class,
+    with the model's guidance (as ``kve inpaint --labels``).
 
     Args:
         images: held-out images shown (0: none).
@@ -143,19 +152,24 @@ class InpaintingGrid(Evaluation):
         parse_mask(mask, 8)  # a bad name or random:P fails now, not at the first validation
         self.count, self.completions, self.mask, self.seed = images, completions, mask, seed
 
-    def images(self, pl_module: L.LightningModule, originals: torch.Tensor) -> torch.Tensor:
-        """The grid of ``originals`` [N, C, H, W] in [-1, 1]: [C, H', W'] in [0, 1]."""
+    def images(self, pl_module: L.LightningModule, originals: torch.Tensor, labels: list[int] | None = None
+               ) -> torch.Tensor:
+        """The grid of ``originals`` [N, C, H, W] in [-1, 1] (of classes ``labels``, for a conditional model):
+        [C, H', W'] in [0, 1]."""
         mask = parse_mask(self.mask, originals.shape[-1]).to(pl_module.device)
         seeds = [self.seed + k for k in range(self.completions)]
         rows = originals.to(pl_module.device).repeat_interleave(len(seeds), 0)
         settings = pl_module.sampler  # inpainting runs Algorithm 2: Heun for the solvers that take no projection
         settings = settings if settings.solver in ALGORITHM2 else settings.replace(solver="heun")
-        x = complete(pl_module.denoiser, rows, mask, seeds * len(originals), settings)
+        row_labels = None if labels is None else [c for c in labels for _ in seeds]
+        denoiser, settings = pl_module.sampling_denoiser(settings, row_labels)
+        x = complete(denoiser, rows, mask, seeds * len(originals), settings)
         return inpainting_grid(originals, mask.cpu(), x.unflatten(0, (len(originals), len(seeds))).cpu())
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.count and isinstance(pl_module.logger, TensorBoardLogger):
-            grid = self.images(pl_module, held_out_images(trainer, self.count))
+            images, labels = held_out_images(trainer, self.count)
+            grid = self.images(pl_module, images, class_labels(pl_module, labels))
             pl_module.logger.experiment.add_image("samples/inpainting", grid, trainer.global_step)
 
 
@@ -163,7 +177,8 @@ class FID(Evaluation):
     """Logs ``val/fid``, FID (``kve_lightning.metrics``) of ``num_samples`` samples (seeds 10**6, ...) against the
     training images, and beside it ``val/fd_pixels``, FD-pixels of the same samples against them (``PixelFD``: a
     multiple of the distance between two halves of the training images; 1.0 is a perfect model): two independent
-    measures, never one (``Quality``). The real statistics are computed once per process.
+    measures, never one (``Quality``). A conditional model samples every class alike (seed s gets class s mod K)
+    with its guidance. The real statistics are computed once per process.
 
     Args:
         every_n_epochs: log at the validations that end epochs n, 2n, ... (0: never).
@@ -184,8 +199,10 @@ class FID(Evaluation):
             loader = DataLoader(train, batch_size=512, generator=torch.Generator())
             real = torch.cat([images for images, _ in loader])
             self._quality = Quality(real, self.num_samples, self.features, device=pl_module.device)
-        samples = torch.cat([pl_module.sample(seeds).clamp(-1, 1)
-                             for seeds in torch.arange(10**6, 10**6 + self.num_samples).split(256)])
+        seeds = torch.arange(10**6, 10**6 + self.num_samples)
+        labels = class_labels(pl_module, seeds % max(1, pl_module.hparams.get("num_classes", 0)))
+        samples = torch.cat([pl_module.sample(seeds[k:k + 256], labels=None if labels is None else labels[k:k + 256])
+                             .clamp(-1, 1) for k in range(0, len(seeds), 256)])
         fid, pixels = self._quality(samples)
         pl_module.log("val/fid", fid, rank_zero_only=True)
         pl_module.log("val/fd_pixels", pixels, rank_zero_only=True)
@@ -193,7 +210,7 @@ class FID(Evaluation):
 
 class BitsPerDim(Evaluation):
     """Logs ``val/bpd``: the mean bits/dim (``KarrasVeModule.bits_per_dim``) of the first ``num_images`` held-out
-    images.
+    images; a conditional model's is -log2 p(x | c) / d with each image's label.
 
     Args:
         every_n_epochs: log at the validations that end epochs n, 2n, ... (0: never).
@@ -206,6 +223,8 @@ class BitsPerDim(Evaluation):
         self.num_images = num_images
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        images = held_out_images(trainer, self.num_images)
-        bpd = pl_module.bits_per_dim(torch.arange(len(images)), images.to(pl_module.device))
+        images, labels = held_out_images(trainer, self.num_images)
+        labels = class_labels(pl_module, labels)
+        bpd = pl_module.bits_per_dim(torch.arange(len(images)), images.to(pl_module.device),
+                                     None if labels is None else torch.tensor(labels))
         pl_module.log("val/bpd", bpd.mean().item(), rank_zero_only=True)

@@ -35,10 +35,16 @@ def guides_at(settings: SamplerSettings, sigma: torch.Tensor) -> torch.Tensor:
 
 def guided_nfe(settings: SamplerSettings) -> int:
     """Network evaluations per image with guidance (``SamplerSettings.nfe`` without): one per denoiser evaluation,
-    two where guidance applies. The noise levels of the evaluations are those of the solver itself, run once on a
-    one-pixel stand-in denoiser."""
+    two where guidance applies (``guides_at`` the ``evaluated_sigmas``)."""
     if settings.guidance_scale == 1:
         return settings.nfe
+    evaluated = evaluated_sigmas(settings)
+    return len(evaluated) + int(guides_at(settings, evaluated).sum())
+
+
+def evaluated_sigmas(settings: SamplerSettings) -> torch.Tensor:
+    """The noise levels at which the solver of ``settings`` evaluates the denoiser, in order (float64): the solver
+    itself, run once on a one-pixel stand-in denoiser (S_churn's sigma_hat included)."""
     evaluated: list[float] = []
 
     def record(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -47,7 +53,7 @@ def guided_nfe(settings: SamplerSettings) -> int:
 
     sample_karras_ve(record, (1, 1, 1, 1), settings=settings.replace(guidance_scale=1.0, micro_batch=0),
                      generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return len(evaluated) + int(guides_at(settings, torch.tensor(evaluated, dtype=torch.float64)).sum())
+    return torch.tensor(evaluated, dtype=torch.float64)
 
 
 def check_guide(main: VEDenoiser, guide: VEDenoiser, source: str) -> None:

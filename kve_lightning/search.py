@@ -14,6 +14,11 @@ Never one metric: every arm is also scored by FD-pixels (``kve_lightning.metrics
 the FID is refused when it makes FD-pixels worse beyond its noise (the paired interval of the difference lying above
 zero), against the arm it improves on or against the baseline; so is a solver's best that lowers the FID of the
 best so far.
+
+A model that can guide (a conditional one, or any with a guide model) has guidance searched with every solver's
+settings (``GUIDANCE``): its weight w and its interval (guidance_sigma_min, guidance_sigma_max], from w = 1. A
+conditional model's arms are judged per class (``PerClass``): seed s samples class s mod K, and each metric is the
+mean over classes of that class's samples against that class's images.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from typing import Any, Callable, Literal, Sequence, get_args
 import torch
 import yaml
 
+from kve_lightning.guidance import evaluated_sigmas, guided_nfe, guides_at
 from kve_lightning.storage import save_atomic
-from kve_lightning.metrics import chunked_frechet, feature_moments, matrix_sqrt
+from kve_lightning.metrics import PixelFD, chunked_frechet, feature_moments, matrix_sqrt
 from kve_lightning.sampling import (GAMMA_MAX, MAX_IPNDM_ORDER, SCHEDULES, SDE_SOLVER_TYPES, SamplerSettings,
                                     restart_grids)
 
@@ -49,6 +55,8 @@ SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
     "dpmpp_2m": ("schedule", "rho", "clamp_denoised"),
     "ipndm": ("ipndm_order", "schedule", "rho", "clamp_denoised"),
 }
+# guidance's settings, searched with every solver's where the model can guide (kve tune)
+GUIDANCE = ("guidance_scale", "guidance_sigma_max", "guidance_sigma_min")
 # where each solver's search starts, over the model's settings: its authors' defaults on EDM's rho = 7 schedule
 # (k-diffusion's and diff-sampler's); Restart with a deterministic main pass and the interval of ``restart_start``
 EDM_SCHEDULE = {"schedule": "edm", "rho": 7.0}
@@ -61,15 +69,16 @@ STARTS: dict[str, dict] = {
 # the value ranges searched where SamplerSettings allows more: S_noise's (EDM's are 1.003-1.007, tuned ones here
 # 0.77-0.92, README; far outside, the noise is mostly added or mostly missing and the FID moves by noise only),
 # eta's (0: DPM-Solver++(2M), k-diffusion's 1 adds as much noise as the step removes), rho's (EDM's ablation:
-# 5-10 best), Restart's K and N_restart (beyond, a restart costs more than the main pass at these budgets)
+# 5-10 best), Restart's K and N_restart (beyond, a restart costs more than the main pass at these budgets), w's
+# (1: none; EDM2's best weights are 1.2-2.5, the digits' above 3 lose every quality figure, BENCHMARKS.md)
 RANGES = {"s_noise": (0.5, 1.5), "eta": (0.0, 1.5), "rho": (1.0, 20.0), "restart_k": (1, 8), "restart_n": (2, 8),
-          "ipndm_order": (1, MAX_IPNDM_ORDER)}
+          "ipndm_order": (1, MAX_IPNDM_ORDER), "guidance_scale": (1.0, 5.0)}
 CHOICES = {"schedule": SCHEDULES, "clamp_denoised": (False, True), "sde_solver_type": SDE_SOLVER_TYPES}
 # a solver whose start has more than this many times the best start's FID is not searched further: at these sizes
 # of step no search closed such a gap, and its share of the budget goes to the others
 PRUNE = 2.0
 METRICS = {"fid-digits": "digits", "fid-inception": "inception"}
-# settings -> the FID's and FD-pixels' features [n, d] of the same n seeds
+# settings -> what the FID's and FD-pixels' scores take of the same n seeds: features [n, d], images
 Evaluate = Callable[[SamplerSettings], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -84,15 +93,17 @@ class Move:
 
 
 def moves(settings: SamplerSettings) -> list[Move]:
-    """The moves of ``settings.solver``'s searched settings (``SOLVER_SETTINGS``): S_tmax, S_tmin by factors of 10
-    (EDM searched them on log grids), S_churn by half its useful range N (sqrt(2) - 1) (above it gamma_i is capped),
-    S_noise by 0.02, eta by 0.25, rho by 2, Restart's t_min, t_max by factors of 2 and K, N_restart by 1, the
-    iPNDM order by 1; the schedule, the clip and the SDE solver type are choices."""
+    """The moves of ``settings.solver``'s searched settings (``SOLVER_SETTINGS``) and guidance's (``GUIDANCE``):
+    S_tmax, S_tmin by factors of 10 (EDM searched them on log grids), S_churn by half its useful range N (sqrt(2) -
+    1) (above it gamma_i is capped), S_noise by 0.02, eta by 0.25, rho by 2, Restart's t_min, t_max by factors of 2
+    and K, N_restart by 1, the iPNDM order by 1, w by 0.5 and the guidance interval's ends by factors of 4; the
+    schedule, the clip and the SDE solver type are choices."""
     steps = {"s_max": (10.0, "log"), "s_min": (10.0, "log"), "s_churn": (settings.num_steps * GAMMA_MAX / 2, "linear"),
              "s_noise": (0.02, "linear"), "eta": (0.25, "linear"), "rho": (2.0, "linear"),
              "restart_t_min": (2.0, "log"), "restart_t_max": (2.0, "log"), "restart_k": (1, "integer"),
-             "restart_n": (1, "integer"), "ipndm_order": (1, "integer")}
-    return [Move(name, *steps.get(name, (0, "choice"))) for name in SOLVER_SETTINGS[settings.solver]]
+             "restart_n": (1, "integer"), "ipndm_order": (1, "integer"), "guidance_scale": (0.5, "linear"),
+             "guidance_sigma_max": (4.0, "log"), "guidance_sigma_min": (4.0, "log")}
+    return [Move(name, *steps.get(name, (0, "choice"))) for name in (*SOLVER_SETTINGS[settings.solver], *GUIDANCE)]
 
 
 def value_of(settings: SamplerSettings, name: str) -> Any:
@@ -127,7 +138,9 @@ def round_significant(value: float, digits: int = 4) -> float:
 def moved(settings: SamplerSettings, move: Move, sign: int, level: int) -> SamplerSettings | None:
     """``settings`` with ``move.name`` moved one step in direction ``sign`` at refinement ``level``, rounded to 4
     significant digits (so that the YAML holds exactly what was measured) and kept where it has an effect: S_tmin,
-    S_tmax, t_min, t_max in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)], the rest in ``RANGES``.
+    S_tmax, t_min, t_max and the guidance interval's ends in [sigma_min, sigma_max] (an open end, guidance_sigma_max
+    inf or guidance_sigma_min 0, moves from the nearer of those), S_churn in [0, N (sqrt(2) - 1)], the rest in
+    ``RANGES``.
     ``None`` when the move leaves the value unchanged or makes settings that do not fit (S_tmin > S_tmax, a
     Restart interval off the main grid or beyond the NFE budget)."""
     value = value_of(settings, move.name)
@@ -139,7 +152,8 @@ def moved(settings: SamplerSettings, move: Move, sign: int, level: int) -> Sampl
         new = min(max(value + sign * max(1, round(move.step / 2**level)), low), high)
     else:
         cap = settings.num_steps * GAMMA_MAX if move.name == "s_churn" else math.inf
-        value = min(value, cap)
+        value = min(value, settings.sigma_max if move.name == "guidance_sigma_max" else cap)
+        value = max(value, settings.sigma_min) if move.name == "guidance_sigma_min" else value
         low, high = RANGES.get(move.name, (0.0, cap))
         if move.kind == "log":
             low, high = settings.sigma_min, settings.sigma_max
@@ -159,9 +173,13 @@ def effect(settings: SamplerSettings) -> tuple:
     """What the solver does with the settings: two settings with the same effect sample the same images, so an arm
     is run once per effect. The solver, its noise levels and clip, and: with Algorithm 2 gamma, the steps i with
     S_tmin <= sigma_i <= S_tmax and S_noise (none without churn); with Restart also its grids and S_noise; with
-    DPM-Solver++(2M) SDE eta, the solver type and (eta > 0) S_noise; with iPNDM its order."""
+    DPM-Solver++(2M) SDE eta, the solver type and (eta > 0) S_noise; with iPNDM its order; with guidance w and
+    which of the evaluations it guides."""
     sigmas = settings.sigmas().tolist()
     common = (settings.solver, tuple(sigmas), settings.clamp_denoised)
+    if settings.guidance_scale != 1:
+        guided = tuple(guides_at(settings, evaluated_sigmas(settings)).tolist())
+        common += (settings.guidance_scale, guided) if any(guided) else ()
     gamma = min(settings.s_churn / settings.num_steps, GAMMA_MAX)
     if settings.solver in ("heun", "euler"):
         steps = tuple(i for i, s in enumerate(sigmas[:-1]) if settings.s_min <= s <= settings.s_max)
@@ -252,13 +270,51 @@ class Scorer:
         return value / self.scale, torch.cat(resampled) / self.scale
 
 
+# a metric of a sample set: its value and its values on the bootstrap resamples (a Scorer, or one per class)
+Score = Callable[[torch.Tensor], tuple[float, torch.Tensor]]
+
+
+@dataclass
+class PerClass:
+    """The mean over classes of one score per class, each of the rows ``rows[c]`` (the samples of class c) against
+    that class's real images: a class-conditional model judged on every class alike. Each class's resamples draw
+    within its own rows, the same for every arm, so differences stay paired."""
+
+    scores: list[Score]
+    rows: list[torch.Tensor]
+
+    def __call__(self, features: torch.Tensor) -> tuple[float, torch.Tensor]:
+        scores = [score(features[rows]) for score, rows in zip(self.scores, self.rows)]
+        return sum(value for value, _ in scores) / len(scores), torch.stack([r for _, r in scores]).mean(0)
+
+
+def per_class_scores(real_images: torch.Tensor, real_labels: torch.Tensor, real_features: torch.Tensor,
+                     labels: torch.Tensor, bootstrap: int, seed: int) -> tuple[PerClass, PerClass]:
+    """The FID's and FD-pixels' scores of samples of classes ``labels`` (features [n, d] and images [n, C, H, W]
+    in, the ``PerClass`` mean and its resamples out): per class c, the samples of c against the real images of c,
+    FD-pixels on the principal axes of that class's images, in one set of at most half their count. ``kve tune``'s
+    judge of a conditional model, and ``scripts/benchmark_guidance.py``'s per-class figures."""
+    fid, pixels, rows = [], [], []
+    for c in range(int(labels.max()) + 1):
+        mine, theirs = torch.nonzero(labels == c).flatten(), real_labels == c
+        if int(theirs.sum()) < 4:
+            raise ValueError(f"class {c} has {int(theirs.sum())} real images: judging it per class needs at least 4")
+        pixel_fd = PixelFD(real_images[theirs], len(mine))
+        scorer = Scorer.from_moments(pixel_fd.mu, pixel_fd.sqrt_cov, len(mine), bootstrap, seed + c,
+                                     pixel_fd.set_size, pixel_fd.floor)
+        fid.append(Scorer.from_real(real_features[theirs], len(mine), bootstrap, seed + c))
+        pixels.append(lambda images, scorer=scorer, pixel_fd=pixel_fd: scorer(pixel_fd.features(images)))
+        rows.append(mine)
+    return PerClass(fid, rows), PerClass(pixels, rows)
+
+
 def worse_beyond_noise(resampled: torch.Tensor, than: torch.Tensor, confidence: float) -> bool:
     """Whether the paired ``confidence`` interval of the difference ``resampled - than`` lies above zero."""
     low = torch.quantile(resampled - than, torch.tensor((1 - confidence) / 2, dtype=torch.float64))
     return bool(low > 0)
 
 
-def tune(evaluate: Evaluate, scorers: tuple[Scorer, Scorer], baseline: SamplerSettings, searched: Sequence[str],
+def tune(evaluate: Evaluate, scorers: tuple[Score, Score], baseline: SamplerSettings, searched: Sequence[str],
          budget_s: float, clock: Callable[[], float] = time.monotonic, levels: int = 3, confidence: float = 0.95,
          report: Callable[[Arm, Arm], None] = lambda arm, best: None,
          starts: Sequence[SamplerSettings] = ()) -> tuple[list[Arm], Arm | None]:
@@ -353,19 +409,25 @@ def paired_intervals(arms: list[Arm], confidence: float = 0.95) -> None:
 
 def searched_values(settings: SamplerSettings) -> dict[str, Any]:
     """The settings searched for ``settings.solver`` (``SOLVER_SETTINGS``) as ``SamplerSettings`` fields (Restart's
-    interval parts as ``restart_intervals``), rho only where it has an effect (EDM's schedule or Restart's grids)."""
+    interval parts as ``restart_intervals``), rho only where it has an effect (EDM's schedule or Restart's grids),
+    and with guidance (w != 1) its settings."""
     names = [n for n in SOLVER_SETTINGS[settings.solver] if n not in RESTART_PARTS]
     names += ["restart_intervals"] if settings.solver == "restart" else []
+    names += list(GUIDANCE) if settings.guidance_scale != 1 else []
     values = settings.to_dict()
     return {n: values[n] for n in names if n != "rho" or settings.schedule == "edm" or settings.solver == "restart"}
 
 
 def describe(settings: SamplerSettings) -> str:
-    """The solver and its searched settings, one short line."""
+    """The solver and its searched settings, one short line (guidance as "w W on (LO, HI]")."""
     shown = {k: ("clip" if v else "no clip") if k == "clamp_denoised" else v
-             for k, v in searched_values(settings).items()}
-    return f"{settings.solver}: " + ", ".join(f"{v}" if isinstance(v, str) else f"{k} {v:g}" if isinstance(v, float)
+             for k, v in searched_values(settings).items() if k not in GUIDANCE}
+    line = f"{settings.solver}: " + ", ".join(f"{v}" if isinstance(v, str) else f"{k} {v:g}" if isinstance(v, float)
                                               else f"{k} {v}" for k, v in shown.items())
+    if settings.guidance_scale != 1:
+        line += (f", w {settings.guidance_scale:g} on ({settings.guidance_sigma_min:g}, "
+                 f"{settings.guidance_sigma_max:g}]")
+    return line
 
 
 def format_table(arms: list[Arm], best: Arm, confidence: float, metric: str = "FID") -> str:
@@ -375,7 +437,8 @@ def format_table(arms: list[Arm], best: Arm, confidence: float, metric: str = "F
     for k, arm in enumerate(arms):
         tag = " (Table 5)" if k == 0 else ""
         tag += " **best**" if arm is best else ""
-        lines.append(f"| {k}{tag} | {describe(arm.settings)} | {arm.settings.nfe} | {arm.fid:.2f} | {arm.diff:+.2f} | "
+        lines.append(f"| {k}{tag} | {describe(arm.settings)} | {guided_nfe(arm.settings)} | {arm.fid:.2f} | "
+                     f"{arm.diff:+.2f} | "
                      f"[{arm.interval[0]:+.2f}, {arm.interval[1]:+.2f}] | {arm.pixels:.3f} | {arm.pixels_diff:+.3f} | "
                      f"[{arm.pixels_interval[0]:+.3f}, {arm.pixels_interval[1]:+.3f}] | {arm.seconds:.0f} |")
     return "\n".join(lines)

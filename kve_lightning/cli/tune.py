@@ -17,8 +17,10 @@ from tqdm import tqdm
 from kve_lightning.cli.common import DataSource, at_least, check_outputs, load_model, parse_device, writable_file
 from kve_lightning.metrics import PixelFD, feature_net
 from kve_lightning.sampling import SamplerSettings
-from kve_lightning.search import (METRICS, RESTART_PARTS, SEARCHED, SOLVER_SETTINGS, TUNED_SOLVERS, Arm, Scorer,
-                                  TunedSolver, describe, format_table, paired_intervals, start, tune, winner_yaml)
+from kve_lightning.guidance import guided_nfe
+from kve_lightning.search import (GUIDANCE, METRICS, RESTART_PARTS, SEARCHED, SOLVER_SETTINGS, TUNED_SOLVERS, Arm,
+                                  Scorer, TunedSolver, describe, format_table, paired_intervals, per_class_scores,
+                                  start, tune, winner_yaml)
 from kve_lightning.search import plot as plot_arms
 from kve_lightning.storage import save_atomic
 
@@ -42,13 +44,19 @@ than that search's best arm's or Table 5's (the paired --confidence interval of 
 finer steps when no move helps, until its share of --budget minutes would be exceeded (estimated from the arm times)
 or no move helps; the winner is the solvers' best that wins by the same rule. The search space: S_tmin, S_tmax,
 t_min, t_max in [sigma_min, sigma_max], S_churn in [0, N (sqrt(2) - 1)] (above, the churn is capped), S_noise in
-[0.5, 1.5], eta in [0, 1.5], rho in [1, 20], K and N_restart up to 8. Ctrl-C ends it and writes the best arm so far
-(none: nothing written). Each arm's FID and FD-pixels differences to Table 5 get paired bootstrap intervals (the
-same resampled seeds for both arms, the real statistics fixed). Prints a table, writes a plot (--plot) and the best
-arm as a YAML config (--out: `model:` with num_steps, the solver and its settings, and a comment with both metrics
-and this command) for the --config of `kve predict`, `kve sample` and `kve export`; an existing --out or --plot is
-refused unless --overwrite true. --model.* flags fix settings: the model's own for the rest (a searched one given is
-left out of the search).
+[0.5, 1.5], eta in [0, 1.5], rho in [1, 20], K and N_restart up to 8. A model that can guide (a conditional model:
+classifier-free guidance; any model given --guide_ckpt_path: autoguidance) has guidance searched with each solver's
+settings, from w = 1: w by 0.5 in [1, 5] and the ends of the guidance interval (guidance_sigma_min,
+guidance_sigma_max] by factors of 4 in [sigma_min, sigma_max]. --nfe bounds the solver's steps; guidance adds a
+second network evaluation at each step inside its interval, and the NFE column counts both. A conditional model's
+arms sample seed s in class s mod K and are judged per class: each metric is the mean over the classes of that
+class's samples against that class's images. Ctrl-C ends it and writes the best arm so far (none: nothing written).
+Each arm's FID and FD-pixels differences to Table 5 get paired bootstrap intervals (the same resampled seeds for
+both arms, the real statistics fixed). Prints a table, writes a plot (--plot) and the best arm as a YAML config
+(--out: `model:` with num_steps, the solver and its settings, and a comment with both metrics and this command) for
+the --config of `kve predict`, `kve sample` and `kve export`; an existing --out or --plot is refused unless
+--overwrite true. --model.* flags fix settings: the model's own for the rest (a searched one given is left out of
+the search).
 """
 
 
@@ -69,7 +77,7 @@ def command_line(values: dict[str, Any]) -> str:
     return " ".join(["kve tune", *parts])
 
 
-def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35,
+def run(ckpt_path: str | None = None, pipeline: str | None = None, guide_ckpt_path: str | None = None, nfe: int = 35,
         solvers: list[TunedSolver] = list(TUNED_SOLVERS),
         metric: Literal["fid-digits", "fid-inception"] = "fid-digits", n: int = 1000, seed: int = 0,
         budget: float = 10.0, bootstrap: int = 200, confidence: float = 0.95, out: str = "best.yaml",
@@ -81,8 +89,12 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
     Args:
         ckpt_path: a checkpoint written by `kve fit` (read weights-only).
         pipeline: a folder written by `kve export`, instead of ``ckpt_path``.
-        nfe: network evaluations per image, at most: each arm's solver takes the largest N within them
-            (``nfe_budget``; 35: N = 18 Heun steps, 35 DPM-Solver++ steps).
+        guide_ckpt_path: a checkpoint of a weaker model of the same data (an earlier checkpoint, a smaller UNet):
+            autoguidance is searched (w and its interval); without one a conditional model searches classifier-free
+            guidance.
+        nfe: network evaluations per image, at most, without guidance: each arm's solver takes the largest N within
+            them (``nfe_budget``; 35: N = 18 Heun steps, 35 DPM-Solver++ steps); guidance adds one per step inside
+            its interval.
         solvers: the solvers searched, each from its own start; the first arm is Algorithm 2 (heun) whatever they
             are.
         metric: "fid-digits" (offline) or "fid-inception" (needs torch-fidelity and its weights).
@@ -116,15 +128,24 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
         raise ValueError(f"--solvers must name each searched solver once, got {solvers}")
     # a fixed restart_intervals fixes all its parts
     fixed_names = set(fixed) | (set(RESTART_PARTS) if "restart_intervals" in fixed else set())
-    searched = sorted({n for solver in solvers for n in SOLVER_SETTINGS[solver]} - fixed_names)
-    if not searched:
-        raise ValueError(f"nothing to search: all settings of {solvers} are fixed by --model.* or --config")
     plot = plot if plot else str(Path(out).with_suffix(".png"))
-    check_outputs({"--out": out, "--plot": plot}, {"--ckpt_path": ckpt_path, "--pipeline": pipeline})
+    check_outputs({"--out": out, "--plot": plot}, {"--ckpt_path": ckpt_path, "--pipeline": pipeline,
+                                                   "--guide_ckpt_path": guide_ckpt_path})
     out, plot_path = writable_file(out, "--out", overwrite), writable_file(plot, "--plot", overwrite)
     device = parse_device(device)
-    trained = load_model(ckpt_path, pipeline, device)
-    settings = trained.settings_with(fixed)
+    trained = load_model(ckpt_path, pipeline, device, guide_ckpt_path)
+    classes = trained.denoiser.num_classes
+    guiding = bool(classes) or trained.guide is not None
+    if classes and n < 2 * classes:
+        raise ValueError(f"--n {n}: a model of {classes} classes is judged per class and needs at least 2 samples of "
+                         f"each (--n >= {2 * classes})")
+    searched = sorted(({n for solver in solvers for n in SOLVER_SETTINGS[solver]}
+                       | (set(GUIDANCE) if guiding else set())) - fixed_names)
+    if not searched:
+        raise ValueError(f"nothing to search: all settings of {solvers} are fixed by --model.* or --config")
+    # guidance's search starts unguided, on the default interval (w = 1: Table 5's sampler)
+    settings = trained.settings_with(fixed).replace(**{name: getattr(SamplerSettings(), name) for name in GUIDANCE
+                                                       if name not in fixed})
     try:
         settings = settings.replace(solver="heun", nfe_budget=nfe)
     except ValueError as err:
@@ -138,14 +159,19 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
         raise ValueError(str(err)) from None
     real = data.data_module(trained, held_out=False).full_dataset()
     with torch.no_grad():
-        real_images = torch.cat([images for images, _ in tqdm(DataLoader(real, batch_size=batch_size),
-                                                              desc="real images", unit="batch")])
+        batches = list(tqdm(DataLoader(real, batch_size=batch_size), desc="real images", unit="batch"))
+        real_images, real_labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
         real_features = torch.cat([net(batch.to(device)).double().cpu() for batch in real_images.split(batch_size)])
-    pixel_fd = PixelFD(real_images, n)
-    scorers = (Scorer.from_real(real_features, n, bootstrap, seed),
-               Scorer.from_moments(pixel_fd.mu, pixel_fd.sqrt_cov, n, bootstrap, seed, pixel_fd.set_size,
-                                   pixel_fd.floor))
     seeds = list(range(seed, seed + n))
+    labels = [s % classes for s in seeds] if classes else None
+    if classes:
+        scorers = per_class_scores(real_images, real_labels, real_features, torch.tensor(labels), bootstrap, seed)
+    else:
+        pixel_fd = PixelFD(real_images, n)
+        pixel_scorer = Scorer.from_moments(pixel_fd.mu, pixel_fd.sqrt_cov, n, bootstrap, seed, pixel_fd.set_size,
+                                           pixel_fd.floor)
+        scorers = (Scorer.from_real(real_features, n, bootstrap, seed),
+                   lambda images: pixel_scorer(pixel_fd.features(images)))
 
     @torch.no_grad()
     def evaluate(arm: SamplerSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,14 +179,15 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
         with tqdm(total=n, unit="img", desc="arm", leave=False) as bar:
             for first in range(0, n, batch_size):
                 batch = seeds[first:first + batch_size]
-                images = trained.sample(batch, arm).to(device) * 2 - 1
+                images = trained.sample(batch, arm, None if labels is None else labels[first:first + batch_size])
+                images = images.to(device) * 2 - 1
                 features.append(net(images).double().cpu())
-                pixels.append(pixel_fd.features(images.cpu()))
+                pixels.append(images.cpu())
                 bar.update(len(batch))
         return torch.cat(features), torch.cat(pixels)
 
     def report(arm: Arm, best: Arm) -> None:
-        tqdm.write(f"{describe(arm.settings)} (NFE {arm.settings.nfe}): {metric} {arm.fid:.2f}, FD-pixels "
+        tqdm.write(f"{describe(arm.settings)} (NFE {guided_nfe(arm.settings)}): {metric} {arm.fid:.2f}, FD-pixels "
                    f"{arm.pixels:.3f}x ({arm.seconds:.0f} s; this solver's best {best.fid:.2f}, {best.pixels:.3f}x)",
                    file=sys.stderr)
 
@@ -172,14 +199,17 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, nfe: int = 35
         sys.exit(130)
     paired_intervals(arms, confidence)
     pct = f"{confidence:.0%}"
-    summary = (f"{metric}, {n} samples per arm (seeds {seeds[0]}-{seeds[-1]} in every arm), at most {nfe} NFE "
-               f"(best: {best.settings.nfe}, N = {best.settings.num_steps}), solvers {', '.join(solvers)}, "
-               f"{len(arms)} arms in {(time.monotonic() - began) / 60:.1f} min")
+    judged = (f"; seed s in class s mod {classes}, each metric the mean over classes of a class's samples against "
+              f"its images" if classes else "")
+    summary = (f"{metric}, {n} samples per arm (seeds {seeds[0]}-{seeds[-1]} in every arm{judged}), at most {nfe} NFE "
+               f"unguided (best: {guided_nfe(best.settings)}, N = {best.settings.num_steps}), solvers "
+               f"{', '.join(solvers)}{', guidance' if guiding else ''}, {len(arms)} arms in "
+               f"{(time.monotonic() - began) / 60:.1f} min")
     verdict = (f"best {metric} {best.fid:.2f} vs Table 5 {arms[0].fid:.2f}: difference {best.diff:+.2f}, {pct} paired "
                f"bootstrap interval [{best.interval[0]:+.2f}, {best.interval[1]:+.2f}] over {bootstrap} resamples; "
                f"FD-pixels {best.pixels:.3f}x vs {arms[0].pixels:.3f}x (real images: 1; sets of "
-               f"{pixel_fd.set_size}), difference {best.pixels_diff:+.3f}, [{best.pixels_interval[0]:+.3f}, "
-               f"{best.pixels_interval[1]:+.3f}]")
+               f"{'at most half a class' if classes else pixel_fd.set_size}), difference {best.pixels_diff:+.3f}, "
+               f"[{best.pixels_interval[0]:+.3f}, {best.pixels_interval[1]:+.3f}]")
     print(f"{summary}\n\n{format_table(arms, best, confidence, metric)}\n\n{verdict}")
     header = [f"kve tune: the best of {len(arms)} arms, compass searches per solver from EDM Table 5's VE settings "
               f"and the solvers' own;", f"{summary}; model {trained.source};", f"{verdict};", f"found by: {command}"]

@@ -288,16 +288,57 @@ def test_predict_and_sample_take_labels_and_the_manifest_records_them(cond_run, 
     cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=0-3", "--labels=3", f"--out={tmp_path / 's'}"])
     assert pngs(tmp_path / "p") == pngs(tmp_path / "s") and len(pngs(tmp_path / "s")) == 4
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["labels"] == 3 and "guidance_scale" not in manifest["sampler"]
+    assert manifest["labels"] == dict.fromkeys("0123", 3) and "guidance_scale" not in manifest["sampler"]
     cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=4-5", "--labels=3", f"--out={tmp_path / 's'}"])  # joins
     assert_refused(lambda: cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=0-3", "--labels=4",
-                                     f"--out={tmp_path / 's'}"]), capsys, "labels: 3 there, 4 now",
-                   folder=tmp_path)
+                                     f"--out={tmp_path / 's'}"]), capsys,
+                   "seed 0 as class 3, this run asks for class 4", folder=tmp_path)
     cli_main(["sample", f"--ckpt_path={cond_run}", "--seeds=0-1", "--labels=0,7", "--model.guidance_scale=2",
               "--model.guidance_sigma_max=5", f"--out={tmp_path / 'g'}"])
     manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
     assert manifest["labels"] == {"0": 0, "1": 7} and manifest["sampler"]["guidance_scale"] == 2
     assert "network evaluations" in capsys.readouterr().err
+
+
+def test_a_labelled_folder_takes_more_seeds_of_any_class_and_keeps_each_seeds_class(cond_run, tmp_path, capsys):
+    """One label per seed, then more seeds with other labels: the folder grows and its manifest records the union;
+    a seed asked for in another class, or unlabelled (null-class) samples, are refused with nothing written. A
+    folder of an earlier version (one label for all seeds) reads as that label for the seeds it holds."""
+    out = tmp_path / "s"
+    sample = ["sample", f"--ckpt_path={cond_run}", f"--out={out}", "--grid=false"]
+    cli_main([*sample, "--seeds=0-1", "--labels=0,7"])
+    cli_main([*sample, "--seeds=0-3", "--labels=0,7,2,2"])  # seeds 0, 1 kept (skipped), 2, 3 added
+    assert json.loads((out / "manifest.json").read_text())["labels"] == {"0": 0, "1": 7, "2": 2, "3": 2}
+    alone = tmp_path / "alone"
+    cli_main(["sample", f"--ckpt_path={cond_run}", f"--out={alone}", "--grid=false", "--seeds=3", "--labels=2"])
+    assert (alone / "000003.png").read_bytes() == (out / "000003.png").read_bytes()  # a seed's image, any run
+    for argv, needle in ((["--seeds=2-4", "--labels=5"], "seed 2 as class 2, this run asks for class 5 (and 1 more)"),
+                         (["--seeds=9"], "holds samples with labels, this run makes them with no labels")):
+        assert_refused(lambda: cli_main([*sample, *argv]), capsys, needle, folder=tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png", "000003.png",
+                                                    "manifest.json"]
+    legacy = json.loads((out / "manifest.json").read_text())
+    for seed in (1, 2, 3):
+        (out / f"{seed:06d}.png").unlink()
+    (out / "manifest.json").write_text(json.dumps(legacy | {"labels": 0}))  # seed 0, a 0, as earlier versions wrote it
+    cli_main([*sample, "--seeds=0-1", "--labels=0,9"])
+    assert json.loads((out / "manifest.json").read_text())["labels"] == {"0": 0, "1": 9}
+
+
+def test_concurrent_writers_adding_labelled_seeds_lose_none(tmp_path):
+    """Eight writers (threads: each opens the folder itself, so their flocks exclude each other as processes' do)
+    each add one seed to one folder's manifest at once: the union holds all eight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kve_lightning.storage import open_sample_folder
+
+    def add(seed):
+        open_sample_folder(tmp_path, {"kve_lightning_samples": 1, "labels": {str(seed): seed % 10}})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(add, range(8)))
+    assert json.loads((tmp_path / "manifest.json").read_text())["labels"] == {str(s): s % 10 for s in range(8)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]  # no temporary left
 
 
 def test_bad_labels_and_guides_end_in_one_line_exit_2_nothing_written(cond_run, trained_run, tmp_path, capsys):
@@ -337,7 +378,7 @@ def test_export_of_a_conditional_model_loads_in_diffusers_and_samples_its_labels
 def test_conditional_inpainting_likelihood_and_the_grid_of_classes(cond_run, tmp_path):
     cli_main(["inpaint", f"--ckpt_path={cond_run}", "--n=2", "--seeds=0", "--mask=bottom", "--labels=3",
               "--model.guidance_scale=2", "--resample=1", "--guidance=0", f"--out={tmp_path / 'i'}"])
-    assert json.loads((tmp_path / "i" / "manifest.json").read_text())["labels"] == 3
+    assert json.loads((tmp_path / "i" / "manifest.json").read_text())["labels"] == {"0": 3, "1": 3}
     cli_main(["likelihood", f"--ckpt_path={cond_run}", "--n=3", "--ode_steps=1", "--classify_images=true",
               f"--out={tmp_path / 'r.json'}"])
     report = json.loads((tmp_path / "r.json").read_text())
@@ -345,7 +386,8 @@ def test_conditional_inpainting_likelihood_and_the_grid_of_classes(cond_run, tmp
     assert report["bits_per_dim_per_class"]
     from kve_lightning.lit.callbacks import SampleGrid
 
-    grid, _ = SampleGrid(size=20, trajectory_rows=1, trajectory_cols=2).images(KarrasVeModule.from_checkpoint(cond_run))
+    grid, _ = SampleGrid(size=20, trajectory_rows=1, trajectory_cols=2).images(
+        KarrasVeModule.from_checkpoint(cond_run))
     assert grid.shape[1:] == (10 * 9 + 1, 2 * 9 + 1)  # one row per class, 2 samples each (8x8 images, 1 px padding)
 
 
@@ -443,3 +485,67 @@ def test_kve_test_of_a_conditional_model_is_log_p_x_given_its_label(cond_run, tm
               "--data.batch_size=4", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
               f"--trainer.default_root_dir={tmp_path}"])
     assert "test/bpd" in capsys.readouterr().out
+
+
+def test_validation_inpaints_in_each_images_class_and_measures_fid_on_every_class(cond_run, tmp_path):
+    """A conditional model's validation callbacks condition on classes, not the null class: the inpainting grid is
+    `kve inpaint --labels` of the held-out images' own labels (with the model's guidance, to the 8-bit rounding of
+    its PNGs), and the FID's samples are those of seed s in class s mod K."""
+    from kve_lightning.lit.callbacks import FID, InpaintingGrid
+    from kve_lightning.lit.data import ImageDataModule
+    from kve_lightning.storage import read_png
+
+    module = KarrasVeModule.from_checkpoint(cond_run)
+    module.sampler = module.sampler.replace(guidance_scale=2.0)
+    data = ImageDataModule()
+    data.setup("fit")
+    images, labels = zip(*(data.val_set[i] for i in range(2)))
+    cli_main(["inpaint", f"--ckpt_path={cond_run}", "--n=2", "--seeds=0", "--mask=bottom", "--model.guidance_scale=2",
+              f"--labels={','.join(str(int(c)) for c in labels)}", f"--out={tmp_path / 'i'}"])
+    grid = InpaintingGrid(images=2, completions=1).images(module, torch.stack(images), [int(c) for c in labels])
+    torch.testing.assert_close(grid, read_png(tmp_path / "i" / "grid.png").float() / 255, rtol=0, atol=1.01 / 255)
+    null = InpaintingGrid(images=2, completions=1).images(module, torch.stack(images))
+    assert (grid - null).abs().max() > 0.1
+
+    asked, logged, sample = [], {}, module.sample
+
+    def spy(seeds, labels=None, **kw):
+        asked.append((torch.as_tensor(seeds).tolist(), labels))
+        return sample(seeds, labels=labels, **kw)
+
+    module.sample, module.log = spy, lambda name, value, **kw: logged.setdefault(name, value)
+    trainer = type("T", (), {"datamodule": data})()
+    FID(num_samples=12).evaluate(trainer, module)
+    assert asked == [(list(range(10**6, 10**6 + 12)), [s % K for s in range(10**6, 10**6 + 12)])]
+    assert set(logged) == {"val/fid", "val/fd_pixels"}
+
+
+def test_kve_tune_searches_guidance_on_every_class(cond_run, tmp_path, monkeypatch, capsys):
+    """`kve tune` of a conditional model: every arm samples seed s in class s mod K, the search tries classifier-free
+    guidance (w != 1) beside the churn, a guided arm's NFE in the table counts its second evaluations, and too few
+    seeds for two per class are refused."""
+    import yaml
+
+    from kve_lightning.guidance import guided_nfe
+
+    calls = []
+    original = KarrasVeModule.sample
+
+    def spy(self, seeds, callback=None, labels=None, **overrides):
+        calls.append(([int(s) for s in seeds], labels, overrides))
+        return original(self, seeds, callback=callback, labels=labels, **overrides)
+
+    monkeypatch.setattr(KarrasVeModule, "sample", spy)
+    out = tmp_path / "best.yaml"
+    cli_main(["tune", f"--ckpt_path={cond_run}", f"--out={out}", "--nfe=3", "--n=20", "--batch_size=20",
+              "--bootstrap=10", "--budget=0.25", "--solvers=[heun]", "--device=cpu"])
+    assert calls and all(labels == [s % K for s in seeds] and seeds == list(range(20)) for seeds, labels, _ in calls)
+    guided_arms = [SamplerSettings.from_mapping(o) for _, _, o in calls if o.get("guidance_scale", 1) != 1]
+    assert guided_arms and calls[0][2].get("guidance_scale", 1) == 1  # the baseline is unguided
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    guided_rows = [row for row in rows if ", w " in row[1]]  # | arm | settings | NFE | ...
+    assert guided_rows and int(guided_rows[0][2]) == guided_nfe(guided_arms[0]) > guided_arms[0].nfe
+    assert "seed s in class s mod 10" in out.read_text() and yaml.safe_load(out.read_text())["model"]["num_steps"] == 2
+    assert_refused(lambda: cli_main(["tune", f"--ckpt_path={cond_run}", f"--out={tmp_path / 'x.yaml'}", "--n=12"]),
+                   capsys, "--n 12: a model of 10 classes is judged per class and needs at least 2 samples",
+                   folder=tmp_path)

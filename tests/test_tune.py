@@ -17,7 +17,8 @@ from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.metrics import (digits_feature_net, digits_images, feature_moments, fid_from_images,
                                    frechet_distance, matrix_sqrt)
 from kve_lightning.sampling import GAMMA_MAX, SamplerSettings
-from kve_lightning.search import (SEARCHED, SOLVER_SETTINGS, TUNED_SOLVERS, Move, Scorer, effect, moved,
+from kve_lightning.search import (GUIDANCE, SEARCHED, SOLVER_SETTINGS, TUNED_SOLVERS, Move, PerClass, Scorer,
+                                  effect, moved,
                                   paired_intervals, start, tune, winner_yaml)
 
 CHURN = {"s_churn": 2.5, "s_min": 0.1, "s_max": 7.0, "s_noise": 1.02}
@@ -94,6 +95,61 @@ def test_a_move_that_worsens_fd_pixels_beyond_its_noise_is_refused():
     assert abs(s.s_churn - 0.3 * cap) <= cap / 16 + 1e-3
     lowest = min(arms, key=lambda a: a.fid)
     assert lowest.fid < best.fid and lowest.settings.s_noise < baseline.s_noise  # tried, lower FID, refused
+
+
+def test_guidance_is_searched_with_the_churn():
+    """A fake metric of guidance (FID = |v|^2, as above) that wants w = 2 on the evaluations at sigma <= 2 exactly
+    and S_noise = 0.907: v = ((w - 2) / 0.5, evaluations guided above 2, evaluations unguided at or below 2, (S_noise
+    - 0.907) / 0.02), each guided-or-not count of the solver's own evaluations (``guidance.evaluated_sigmas``). From
+    w = 1 (no guidance: every interval the same arm) the search finds w within half its finest step (0.5 / 4) and
+    both interval ends where the counts are 0: guidance_sigma_max within one finest factor (4^(1/4)) of the
+    evaluated sigma nearest 2 and below the next above it, guidance_sigma_min below the smallest evaluated
+    sigma."""
+    from kve_lightning.guidance import evaluated_sigmas, guides_at
+
+    scorer, z = scorer_and_noise()
+    baseline = SamplerSettings(num_steps=18, sigma_max=10.0)
+    evaluated = evaluated_sigmas(baseline)
+    seen = []
+
+    def v(s: SamplerSettings) -> torch.Tensor:
+        guided = guides_at(s, evaluated_sigmas(s))
+        sigma = evaluated_sigmas(s)
+        seen.append(s)
+        return torch.tensor([(s.guidance_scale - 2) / 0.5, float((guided & (sigma > 2)).sum()),
+                             float((~guided & (sigma <= 2)).sum()) if s.guidance_scale != 1 else 10.0,
+                             (s.s_noise - 0.907) / 0.02], dtype=torch.float64)
+
+    arms, best = tune(lambda s: (z + v(s), z), (scorer, scorer), baseline, [*SEARCHED, *GUIDANCE], budget_s=1e9)
+    s = best.settings
+    assert best.fid == pytest.approx(0, abs=1e-3) and abs(s.guidance_scale - 2) <= 0.0625 + 1e-9
+    above, below = evaluated[evaluated > 2].min().item(), evaluated[evaluated <= 2].max().item()
+    assert below <= s.guidance_sigma_max < above and s.guidance_sigma_min < evaluated.min().item()
+    # at w = 1 no interval was tried twice: one arm per effect
+    assert len({effect(a) for a in seen}) == len(seen) and all(a.guidance_scale != 1 or a.guidance_sigma_max == math.inf
+                                                               for a in seen)
+
+
+def test_per_class_scores_are_the_mean_of_each_classes_distance():
+    """``PerClass`` of a Scorer per class is the mean of the classes' Frechet distances (each class's rows against
+    its own real statistics), on all rows and on each bootstrap resample."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    labels = torch.arange(60) % 3
+    real = [torch.randn(50, 3, generator=g, dtype=torch.float64) + c for c in range(3)]
+    scorers = [Scorer.from_real(real[c], 20, 7, seed=c) for c in range(3)]
+    rows = [torch.nonzero(labels == c).flatten() for c in range(3)]
+    value, resampled = PerClass(scorers, rows)(features)
+    each = [scorers[c](features[rows[c]]) for c in range(3)]
+    def closed_form(a, b):  # ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)), scipy's sqrtm
+        import scipy.linalg
+
+        (mu_a, c_a), (mu_b, c_b) = feature_moments(a), feature_moments(b)
+        return ((mu_a - mu_b).square().sum() + torch.trace(c_a + c_b)).item() - 2 * float(
+            scipy.linalg.sqrtm((c_a @ c_b).numpy()).real.trace())
+
+    assert value == pytest.approx(sum(closed_form(real[c], features[rows[c]]) for c in range(3)) / 3, rel=1e-9)
+    torch.testing.assert_close(resampled, sum(r for _, r in each) / 3, rtol=1e-12, atol=0)
 
 
 def solver_metric(s: SamplerSettings) -> torch.Tensor:

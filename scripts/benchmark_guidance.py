@@ -4,24 +4,28 @@
         --per_class 100 [--guide_ckpt_path EARLY.ckpt] [--guidance_sigma_max 5] [--set s_noise=0.72 ...] \
         [--uncond_ckpt_path runs/digits/checkpoints/last.ckpt] --out-md guidance.md [--plot g.png --mark 2]
 
-For every w of ``--scales`` it samples ``--per_class`` images of each class (seeds 0 .. per_class - 1 for every class
-and every w: common random numbers), classifier-free guided (or autoguided with ``--guide_ckpt_path``) at the
-checkpoint's sampler settings. The **requested-class accuracy** is the fraction a classifier of the real digits
-assigns to the requested class: scikit-learn's logistic regression on the 80 % training part of the fixed stratified
-split of ``metrics.digits_split`` (its accuracy on the other 20 % is printed beside, the ceiling), fitted on pixels
-in [-1, 1]. **Per-class FID-digits** is FID-digits of a class's samples against all of that class's 1,797-digit
-images (about 180): small counts, so compare rows with each other. Beside it, as every FID-digits figure here,
-FD-pixels (``metrics.PixelFD``): per class, of a class's samples against that class's digits (one set of at most
-half the class's size), and pooled, FID-digits and FD-pixels (``metrics.Quality``) of all the samples against all
-1,797 digits, comparable with the unconditional tables of ``scripts/benchmark_quality.py`` at the same sample
-count. ``--set FIELD=VALUE`` overrides the checkpoint's sampler settings (``SamplerSettings`` fields), as
-``benchmark_quality.py``'s rows do. With ``--uncond_ckpt_path`` the table gets a reference row: an unconditional
-model's samples (seeds 0 .. K * per_class - 1, the same settings), each assigned to the class the classifier gives
-it, per-class FID-digits and FD-pixels against that class's digits. The table also gives the NFE per image
-(``guidance.guided_nfe``: two network evaluations per step inside the guidance interval). Writes a markdown table
-(``--out-md``, the rows as JSON beside it) and, with ``--plot``, accuracy, FID-digits and FD-pixels against w
-(``--mark W``: the shipped w; ``--also LABEL=JSON``: other runs' rows beside, e.g. other guidance intervals).
-``--from-json`` redraws the table and plot from an earlier run's rows.
+For every w of ``--scales`` ("W@LO:HI": guided for sigma in (LO, HI] only) it samples ``--per_class`` images of each
+class (seeds 0 .. per_class - 1 for every class and every w: common random numbers), classifier-free guided (or
+autoguided with ``--guide_ckpt_path``) at the checkpoint's sampler settings. The **requested-class accuracy** is the
+fraction a classifier of the real digits assigns to the requested class: scikit-learn's logistic regression on the
+80 % training part of the fixed stratified split of ``metrics.digits_split`` (its accuracy on the other 20 % is
+printed beside, the ceiling), fitted on pixels in [-1, 1]. **Per-class FID-digits** is FID-digits of a class's
+samples against all of that class's 1,797-digit images (about 180): small counts, so compare rows with each other.
+Beside it, as every FID-digits figure here, FD- pixels (``metrics.PixelFD``): per class, of a class's samples
+against that class's digits (one set of at most half the class's size), and pooled, FID-digits and FD-pixels
+(``metrics.Quality``) of all the samples against all 1,797 digits, comparable with the unconditional tables of
+``scripts/benchmark_quality.py`` at the same sample count. Every row's accuracy has its 95 % normal-approximation
+interval (binomial standard error), its mean per-class FID-digits and FD-pixels their 95 % percentile bootstrap
+intervals (``--bootstrap`` resamples of the seeds within each class, the real images fixed:
+``search.per_class_scores``, kve tune's judge) and the paired intervals of their differences to the first row (the
+same resamples for every row). ``--set FIELD=VALUE`` overrides the checkpoint's sampler settings
+(``SamplerSettings`` fields), as ``benchmark_quality.py``'s rows do. With ``--uncond_ckpt_path`` the table gets a
+reference row: an unconditional model's samples (seeds 0 .. K * per_class - 1, the same settings), each assigned to
+the class the classifier gives it, per-class FID-digits and FD-pixels against that class's digits. The table also
+gives the NFE per image (``guidance.guided_nfe``: two network evaluations per step inside the guidance interval).
+Writes a markdown table (``--out-md``, the rows as JSON beside it) and, with ``--plot``, accuracy, FID- digits and
+FD-pixels against w (``--mark W``: the shipped w; ``--also LABEL=JSON``: other runs' rows beside, e.g. other
+guidance intervals). ``--from-json`` redraws the table and plot from an earlier run's rows.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ from tqdm import tqdm
 
 from kve_lightning.guidance import guided_nfe
 from kve_lightning.lit.module import KarrasVeModule
-from kve_lightning.metrics import (PixelFD, Quality, digits_images, digits_split, digits_with_labels,
-                                  fid_from_images)
+from kve_lightning.metrics import Quality, digits_feature_net, digits_images, digits_split, digits_with_labels
 from kve_lightning.sampling import SamplerSettings
+from kve_lightning.search import per_class_scores
+
+BOOTSTRAP_SEED = 0
 
 
 def digits_classifier():
@@ -64,21 +70,53 @@ def parse_settings(pairs: list[str]) -> dict:
     return overrides
 
 
-def class_quality(samples: torch.Tensor, assigned: torch.Tensor, classes: int) -> tuple[dict, dict]:
-    """Per-class FID-digits and FD-pixels of the ``samples`` assigned to each class against that class's digits."""
+def parse_scale(text: str) -> tuple[float, dict]:
+    """"W" (guidance everywhere, or as ``--guidance_sigma_*`` say) or "W@LO:HI" (guidance for sigma in (LO, HI])."""
+    w, _, interval = text.partition("@")
+    if not interval:
+        return float(w), {}
+    low, _, high = interval.partition(":")
+    return float(w), {"guidance_sigma_min": float(low), "guidance_sigma_max": float(high)}
+
+
+@torch.no_grad()
+def class_quality(samples: torch.Tensor, assigned: torch.Tensor, bootstrap: int) -> dict:
+    """Per-class FID-digits and FD-pixels of the ``samples`` assigned to each class against that class's digits
+    (``search.per_class_scores``), their means over the classes and the means' bootstrap resamples (``_resampled``
+    keys: kept out of the JSON)."""
     real, real_labels = digits_with_labels()
-    fids, fds = {}, {}
-    for c in range(classes):
-        mine, theirs = samples[assigned == c], real[real_labels == c]
-        fids[str(c)] = fid_from_images(theirs, mine)
-        fds[str(c)] = PixelFD(theirs, min(len(mine), len(theirs) // 2))(mine)
-    return fids, fds
+    net = digits_feature_net()
+    fid, pixels = per_class_scores(real, real_labels, net(real).double(), assigned, bootstrap, BOOTSTRAP_SEED)
+    features = net(samples).double()
+    row = {}
+    for key, score, inputs in (("fid", fid, features), ("fd_pixels", pixels, samples)):
+        row[f"{key}_per_class"] = {str(c): one(inputs[rows])[0] for c, (one, rows) in enumerate(zip(score.scores,
+                                                                                                     score.rows))}
+        row[f"{key}_mean"], row[f"{key}_resampled"] = score(inputs)
+        row[f"{key}_mean_interval"] = torch.quantile(row[f"{key}_resampled"], Q95).tolist()
+    return row
+
+
+Q95 = torch.tensor([0.025, 0.975], dtype=torch.float64)
+
+
+def paired_to_first(rows: list[dict]) -> None:
+    """Each row's mean per-class FID-digits and FD-pixels differences to the first row, with the 95 % intervals of
+    the differences over the shared resamples; drops the resamples."""
+    for row in rows:
+        for key in ("fid", "fd_pixels"):
+            diff = row[f"{key}_resampled"] - rows[0][f"{key}_resampled"]
+            row[f"{key}_mean_diff"] = row[f"{key}_mean"] - rows[0][f"{key}_mean"]
+            row[f"{key}_mean_diff_interval"] = torch.quantile(diff, Q95).tolist()
+    for row in rows:
+        for key in ("fid", "fd_pixels"):
+            row.pop(f"{key}_resampled")
 
 
 def measure(module: KarrasVeModule, scale: float, per_class: int, classifier, batch_size: int, quality: Quality,
-            **settings) -> dict:
-    """One row: the samples of every class at guidance weight ``scale``, their accuracy, per-class FID-digits and
-    FD-pixels, and the pooled FID-digits and FD-pixels."""
+            bootstrap: int, **settings) -> dict:
+    """One row: the samples of every class at guidance weight ``scale``, their accuracy (and its interval),
+    per-class FID-digits and FD-pixels (``class_quality``), and the pooled FID-digits and FD-pixels."""
     classes = module.hparams.num_classes
     seeds = [s for _ in range(classes) for s in range(per_class)]
     labels = [c for c in range(classes) for _ in range(per_class)]
@@ -88,45 +126,61 @@ def measure(module: KarrasVeModule, scale: float, per_class: int, classifier, ba
     samples = torch.cat(batches)
     predicted = torch.from_numpy(classifier.predict(samples.flatten(1).numpy()))
     requested = torch.tensor(labels)
-    fids, fds = class_quality(samples, requested, classes)
     # FD-pixels takes consecutive sets of rows: interleave the classes (seed 0 of classes 0..K-1, then seed 1, ...),
     # so that a set holds every class alike; in class order a set of 898 of 1,000 would leave the last class out
     fid_all, fd_all = quality(samples.unflatten(0, (classes, per_class)).transpose(0, 1).flatten(0, 1))
     nfe = guided_nfe(module.sampler.replace(guidance_scale=scale, **settings))
-    return {"w": scale, "accuracy": (predicted == requested).double().mean().item(), "nfe": nfe,
-            "fid_per_class": fids, "fid_mean": sum(fids.values()) / classes,
-            "fd_pixels_per_class": fds, "fd_pixels_mean": sum(fds.values()) / classes,
-            "fid_pooled": fid_all, "fd_pixels_pooled": fd_all}
+    accuracy = (predicted == requested).double().mean().item()
+    half = 1.96 * (accuracy * (1 - accuracy) / len(samples)) ** 0.5
+    run = module.sampler.replace(guidance_scale=scale, **settings)
+    guided_for = f"({run.guidance_sigma_min:g}, {run.guidance_sigma_max:g}]" if scale != 1 else "–"
+    return {"w": scale, "interval": guided_for,
+            "accuracy": accuracy, "accuracy_interval": [accuracy - half, accuracy + half], "nfe": nfe,
+            **class_quality(samples, requested, bootstrap), "fid_pooled": fid_all, "fd_pixels_pooled": fd_all}
 
 
 def unconditional_reference(ckpt: str, n: int, classes: int, classifier, batch_size: int, quality: Quality,
-                            **settings) -> dict:
+                            bootstrap: int, **settings) -> dict:
     """The reference row: an unconditional model's ``n`` samples, each assigned to the classifier's class."""
     module = KarrasVeModule.from_checkpoint(ckpt)
     seeds = list(range(n))
     samples = torch.cat([module.sample(seeds[i:i + batch_size], **settings).clamp(-1, 1)
                          for i in tqdm(range(0, n, batch_size), desc="unconditional", unit="batch")])
     assigned = torch.from_numpy(classifier.predict(samples.flatten(1).numpy()))
-    fids, fds = class_quality(samples, assigned, classes)
+    row = class_quality(samples, assigned, bootstrap)
+    del row["fid_resampled"], row["fd_pixels_resampled"]  # other seeds than the rows': no paired difference
     fid_all, fd_all = quality(samples)
     return {"w": None, "ckpt": ckpt, "nfe": module.sampler.replace(**settings).nfe,
-            "class_counts": {str(c): int((assigned == c).sum()) for c in range(classes)},
-            "fid_per_class": fids, "fid_mean": sum(fids.values()) / classes,
-            "fd_pixels_per_class": fds, "fd_pixels_mean": sum(fds.values()) / classes,
+            "class_counts": {str(c): int((assigned == c).sum()) for c in range(classes)}, **row,
             "fid_pooled": fid_all, "fd_pixels_pooled": fd_all}
 
 
 def table(rows: list[dict], reference: dict | None, header: str) -> str:
-    """The markdown table of ``rows`` (and the unconditional ``reference`` row)."""
+    """The markdown table of ``rows`` (and the unconditional ``reference`` row), with the intervals where the rows
+    have them (rows of earlier runs have none)."""
+    def interval(row: dict, key: str, digits: int) -> str:
+        low_high = row.get(key)
+        return f" [{low_high[0]:.{digits}f}, {low_high[1]:.{digits}f}]" if low_high else ""
+
+    def diff(row: dict, key: str, digits: int) -> str:
+        if f"{key}_mean_diff" not in row:
+            return "–"
+        low, high = row[f"{key}_mean_diff_interval"]
+        return f"{row[f'{key}_mean_diff']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
     lines = [header, "",
-             "| w | NFE | requested-class accuracy | mean per-class FID-digits (FD-pixels) | "
+             "| w | guided for σ in | NFE | requested-class accuracy [95 %] | mean per-class FID-digits [95 %] | "
+             "diff to first row [95 %] | mean per-class FD-pixels [95 %] | diff to first row [95 %] | "
              "worst class, FID-digits (FD-pixels) | pooled FID-digits (FD-pixels) |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in ([reference] if reference else []) + rows:
         worst = max(row["fid_per_class"], key=row["fid_per_class"].get)
         w = "unconditional" if row["w"] is None else f"{row['w']:g}"
-        accuracy = "-" if row["w"] is None else f"{row['accuracy']:.3f}"
-        lines.append(f"| {w} | {row['nfe']} | {accuracy} | {row['fid_mean']:.2f} ({row['fd_pixels_mean']:.2f}x) | "
+        accuracy = "–" if row["w"] is None else f"{row['accuracy']:.3f}{interval(row, 'accuracy_interval', 3)}"
+        lines.append(f"| {w} | {row.get('interval', '–')} | {row['nfe']} | {accuracy} | "
+                     f"{row['fid_mean']:.2f}{interval(row, 'fid_mean_interval', 2)} | {diff(row, 'fid', 2)} | "
+                     f"{row['fd_pixels_mean']:.2f}x{interval(row, 'fd_pixels_mean_interval', 2)} | "
+                     f"{diff(row, 'fd_pixels', 3)} | "
                      f"{worst}: {row['fid_per_class'][worst]:.2f} ({row['fd_pixels_per_class'][worst]:.2f}x) | "
                      f"{row['fid_pooled']:.2f} ({row['fd_pixels_pooled']:.2f}x) |")
     return "\n".join(lines)
@@ -176,7 +230,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_path", default=None, help="a conditional digits checkpoint (num_classes 10)")
     p.add_argument("--guide_ckpt_path", default=None, help="a weaker model that guides (autoguidance)")
-    p.add_argument("--scales", default="1,1.5,2,3", help="guidance weights w, comma-separated")
+    p.add_argument("--scales", default="1,1.5,2,3",
+                   help='guidance weights w, comma-separated; "W@LO:HI": w W for sigma in (LO, HI] only')
     p.add_argument("--per_class", type=int, default=100, help="samples per class and w")
     p.add_argument("--guidance_sigma_min", type=float, default=None, help="the guidance interval's bottom")
     p.add_argument("--guidance_sigma_max", type=float, default=None, help="the guidance interval's top")
@@ -184,6 +239,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="a SamplerSettings override for every row (repeatable)")
     p.add_argument("--uncond_ckpt_path", default=None, help="an unconditional model for the reference row")
     p.add_argument("--batch_size", type=int, default=250)
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the intervals")
     p.add_argument("--out-md", default=None, help="write the table here (and the rows as .json beside it)")
     p.add_argument("--plot", default=None, help="write accuracy, FID-digits and FD-pixels against w here (PNG)")
     p.add_argument("--mark", type=float, default=None, help="the shipped w, marked on the plot")
@@ -209,11 +265,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         classifier, ceiling = digits_classifier()
         classes = module.hparams.num_classes
         quality = Quality(digits_images(8, 1), classes * args.per_class)
-        rows = [measure(module, float(w), args.per_class, classifier, args.batch_size, quality, **settings)
-                for w in args.scales.split(",")]
+        rows = [measure(module, w, args.per_class, classifier, args.batch_size, quality, args.bootstrap,
+                        **settings | interval) for w, interval in map(parse_scale, args.scales.split(","))]
+        paired_to_first(rows)
         reference = None if args.uncond_ckpt_path is None else unconditional_reference(
             args.uncond_ckpt_path, classes * args.per_class, classes, classifier, args.batch_size, quality,
-            **{k: v for k, v in settings.items() if not k.startswith("guidance_")})
+            args.bootstrap, **{k: v for k, v in settings.items() if not k.startswith("guidance_")})
         header = (f"classifier: logistic regression of the real digits, held-out accuracy {ceiling:.3f}; "
                   f"{args.per_class} samples per class (seeds 0-{args.per_class - 1} in every class and row); "
                   f"{'autoguidance' if guide else 'classifier-free guidance'}; settings: the checkpoint's"

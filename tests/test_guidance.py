@@ -414,11 +414,18 @@ def test_benchmark_guidance_script_runs_end_to_end(cond_run, tmp_path):
     spec = importlib.util.spec_from_file_location("benchmark_guidance", REPO / "scripts" / "benchmark_guidance.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.main([f"--ckpt_path={cond_run}", "--scales=1,2", "--per_class=3", f"--out-md={tmp_path / 'g.md'}"])
-    assert [r["w"] for r in rows] == [1.0, 2.0] and all(0 <= r["accuracy"] <= 1 for r in rows)
-    assert rows[1]["nfe"] == 2 * rows[0]["nfe"] and len(rows[0]["fid_per_class"]) == K  # 4 Heun steps: 7, 14
+    rows = bench.main([f"--ckpt_path={cond_run}", "--scales=1,2,2@0:1", "--per_class=3", "--bootstrap=20",
+                       f"--out-md={tmp_path / 'g.md'}"])
+    assert [r["w"] for r in rows] == [1.0, 2.0, 2.0] and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert rows[1]["nfe"] == 2 * rows[0]["nfe"] > rows[2]["nfe"] and len(rows[0]["fid_per_class"]) == K  # 7, 14
     assert all(r["fd_pixels_pooled"] > 0 and len(r["fd_pixels_per_class"]) == K for r in rows)  # two metrics
-    assert "requested-class accuracy" in (tmp_path / "g.md").read_text() and "FD-pixels" in (tmp_path / "g.md").read_text()
+    assert [r["interval"] for r in rows] == ["–", "(0, inf]", "(0, 1]"]
+    for r in rows:  # the mean is the classes' mean; intervals hold it (percentile bootstrap: nearly always) or 0
+        assert r["fid_mean"] == pytest.approx(sum(r["fid_per_class"].values()) / K, rel=1e-9)
+        low, high = r["fd_pixels_mean_diff_interval"]
+        assert low <= high and (r is not rows[0] or low == high == r["fd_pixels_mean_diff"] == 0)
+    text = (tmp_path / "g.md").read_text()
+    assert "requested-class accuracy [95 %]" in text and "FD-pixels" in text
     again = bench.main([f"--from-json={tmp_path / 'g.json'}", f"--plot={tmp_path / 'g.png'}", "--mark=2"])
     assert again == rows and (tmp_path / "g.png").stat().st_size > 0
 

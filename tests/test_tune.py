@@ -314,6 +314,19 @@ def test_every_arm_samples_the_same_seeds(trained_run, tmp_path, spied_sampler, 
                          f"--out {tmp_path / 'best.yaml'} --batch_size 4 --device cpu --model.micro_batch 0")
 
 
+def test_a_guide_makes_kve_tune_search_autoguidance(trained_run, tmp_path, spied_sampler, capsys):
+    """An unconditional model with --guide_ckpt_path: arms with w != 1 (autoguidance), none with labels; without a
+    guide the guidance settings are never moved."""
+    _, ckpt = trained_run
+    run_tune(ckpt, tmp_path / "auto.yaml", "--budget", "0.2", "--solvers", "[heun]", "--guide_ckpt_path", str(ckpt))
+    scales = [overrides.get("guidance_scale", 1) for _, overrides in spied_sampler]
+    assert any(w != 1 for w in scales) and all(o.get("labels") is None for _, o in spied_sampler)
+    assert "--guide_ckpt_path" in (tmp_path / "auto.yaml").read_text()  # the command that found it
+    spied_sampler.clear()
+    run_tune(ckpt, tmp_path / "plain.yaml", "--budget", "0.2", "--solvers", "[heun]")
+    assert spied_sampler and all(o.get("guidance_scale", 1) == 1 for _, o in spied_sampler)
+
+
 def test_tiny_budget_writes_table5(trained_run, tmp_path, spied_sampler):
     _, ckpt = trained_run
     best = run_tune(ckpt, tmp_path / "best.yaml", "--budget", "1e-4")

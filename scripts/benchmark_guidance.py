@@ -4,28 +4,31 @@
         --per_class 100 [--guide_ckpt_path EARLY.ckpt] [--guidance_sigma_max 5] [--set s_noise=0.72 ...] \
         [--uncond_ckpt_path runs/digits/checkpoints/last.ckpt] --out-md guidance.md [--plot g.png --mark 2]
 
-For every w of ``--scales`` ("W@LO:HI": guided for sigma in (LO, HI] only) it samples ``--per_class`` images of each
-class (seeds 0 .. per_class - 1 for every class and every w: common random numbers), classifier-free guided (or
-autoguided with ``--guide_ckpt_path``) at the checkpoint's sampler settings. The **requested-class accuracy** is the
-fraction a classifier of the real digits assigns to the requested class: scikit-learn's logistic regression on the
-80 % training part of the fixed stratified split of ``metrics.digits_split`` (its accuracy on the other 20 % is
-printed beside, the ceiling), fitted on pixels in [-1, 1]. **Per-class FID-digits** is FID-digits of a class's
+For every w of ``--scales`` it samples ``--per_class`` images of each class (seeds 0 .. per_class - 1 for every
+class and every w: common random numbers), classifier-free guided (or autoguided with ``--guide_ckpt_path``) at the
+checkpoint's sampler settings. A plain "W" guides on the checkpoint's guidance interval (or
+``--guidance_sigma_*``'s), "W@LO:HI" for sigma in (LO, HI] ("W@0:inf": everywhere). The **requested-class accuracy**
+is the fraction a classifier of the real digits assigns to the requested class: scikit-learn's logistic regression
+on the 80 % training part of the fixed stratified split of ``metrics.digits_split`` (its accuracy on the other 20 %
+is printed beside, the ceiling), fitted on pixels in [-1, 1]. **Per-class FID-digits** is FID-digits of a class's
 samples against all of that class's 1,797-digit images (about 180): small counts, so compare rows with each other.
-Beside it, as every FID-digits figure here, FD- pixels (``metrics.PixelFD``): per class, of a class's samples
-against that class's digits (one set of at most half the class's size), and pooled, FID-digits and FD-pixels
-(``metrics.Quality``) of all the samples against all 1,797 digits, comparable with the unconditional tables of
-``scripts/benchmark_quality.py`` at the same sample count. Every row's accuracy has its 95 % normal-approximation
-interval (binomial standard error), its mean per-class FID-digits and FD-pixels their 95 % percentile bootstrap
-intervals (``--bootstrap`` resamples of the seeds within each class, the real images fixed:
-``search.per_class_scores``, kve tune's judge) and the paired intervals of their differences to the first row (the
-same resamples for every row). ``--set FIELD=VALUE`` overrides the checkpoint's sampler settings
-(``SamplerSettings`` fields), as ``benchmark_quality.py``'s rows do. With ``--uncond_ckpt_path`` the table gets a
-reference row: an unconditional model's samples (seeds 0 .. K * per_class - 1, the same settings), each assigned to
-the class the classifier gives it, per-class FID-digits and FD-pixels against that class's digits. The table also
-gives the NFE per image (``guidance.guided_nfe``: two network evaluations per step inside the guidance interval).
-Writes a markdown table (``--out-md``, the rows as JSON beside it) and, with ``--plot``, accuracy, FID- digits and
-FD-pixels against w (``--mark W``: the shipped w; ``--also LABEL=JSON``: other runs' rows beside, e.g. other
-guidance intervals). ``--from-json`` redraws the table and plot from an earlier run's rows.
+Beside it, as every FID-digits figure here, FD-pixels (``metrics.PixelFD``): per class, of a class's samples against
+that class's digits (one set of at most half the class's size; both per-class figures are
+``search.per_class_scores``, kve tune's judge), and pooled, FID-digits and FD-pixels (``metrics.Quality``) of all
+the samples against all 1,797 digits, comparable with the unconditional tables of ``scripts/benchmark_quality.py``
+at the same sample count. Every row's accuracy has its 95 % normal-approximation interval (binomial standard error),
+and its mean per-class FID-digits and FD-pixels the paired 95 % percentile bootstrap intervals of their differences
+to the first row (``--bootstrap`` resamples of the seeds within each class, the same for every row, the real images
+fixed). No interval is given for a value alone: resampling with replacement repeats samples, which raises a Frechet
+distance, so such an interval need not hold the value; in a paired difference the bias cancels. ``--set
+FIELD=VALUE`` overrides the checkpoint's sampler settings (``SamplerSettings`` fields), as
+``benchmark_quality.py``'s rows do. With ``--uncond_ckpt_path`` the table gets a reference row: an unconditional
+model's samples (seeds 0 .. K * per_class - 1, the same settings), each assigned to the class the classifier gives
+it, per-class FID-digits and FD-pixels against that class's digits. The table also gives the NFE per image
+(``guidance.guided_nfe``: two network evaluations per step inside the guidance interval). Writes a markdown table
+(``--out-md``, the rows as JSON beside it) and, with ``--plot``, accuracy, FID-digits and FD-pixels against w
+(``--mark W``: the shipped w; ``--also LABEL=JSON``: other runs' rows beside, e.g. other guidance intervals).
+``--from-json`` redraws the table and plot from an earlier run's rows.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def parse_settings(pairs: list[str]) -> dict:
 
 
 def parse_scale(text: str) -> tuple[float, dict]:
-    """"W" (guidance everywhere, or as ``--guidance_sigma_*`` say) or "W@LO:HI" (guidance for sigma in (LO, HI])."""
+    """"W" (on the checkpoint's guidance interval, or ``--guidance_sigma_*``'s) or "W@LO:HI" (guidance for sigma
+    in (LO, HI]; "inf" for no top)."""
     w, _, interval = text.partition("@")
     if not interval:
         return float(w), {}
@@ -93,7 +97,6 @@ def class_quality(samples: torch.Tensor, assigned: torch.Tensor, bootstrap: int)
         row[f"{key}_per_class"] = {str(c): one(inputs[rows])[0] for c, (one, rows) in enumerate(zip(score.scores,
                                                                                                      score.rows))}
         row[f"{key}_mean"], row[f"{key}_resampled"] = score(inputs)
-        row[f"{key}_mean_interval"] = torch.quantile(row[f"{key}_resampled"], Q95).tolist()
     return row
 
 
@@ -169,8 +172,8 @@ def table(rows: list[dict], reference: dict | None, header: str) -> str:
         return f"{row[f'{key}_mean_diff']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
     lines = [header, "",
-             "| w | guided for σ in | NFE | requested-class accuracy [95 %] | mean per-class FID-digits [95 %] | "
-             "diff to first row [95 %] | mean per-class FD-pixels [95 %] | diff to first row [95 %] | "
+             "| w | guided for σ in | NFE | requested-class accuracy [95 %] | mean per-class FID-digits | "
+             "diff to first row [95 %] | mean per-class FD-pixels | diff to first row [95 %] | "
              "worst class, FID-digits (FD-pixels) | pooled FID-digits (FD-pixels) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in ([reference] if reference else []) + rows:
@@ -178,8 +181,7 @@ def table(rows: list[dict], reference: dict | None, header: str) -> str:
         w = "unconditional" if row["w"] is None else f"{row['w']:g}"
         accuracy = "–" if row["w"] is None else f"{row['accuracy']:.3f}{interval(row, 'accuracy_interval', 3)}"
         lines.append(f"| {w} | {row.get('interval', '–')} | {row['nfe']} | {accuracy} | "
-                     f"{row['fid_mean']:.2f}{interval(row, 'fid_mean_interval', 2)} | {diff(row, 'fid', 2)} | "
-                     f"{row['fd_pixels_mean']:.2f}x{interval(row, 'fd_pixels_mean_interval', 2)} | "
+                     f"{row['fid_mean']:.2f} | {diff(row, 'fid', 2)} | {row['fd_pixels_mean']:.2f}x | "
                      f"{diff(row, 'fd_pixels', 3)} | "
                      f"{worst}: {row['fid_per_class'][worst]:.2f} ({row['fd_pixels_per_class'][worst]:.2f}x) | "
                      f"{row['fid_pooled']:.2f} ({row['fd_pixels_pooled']:.2f}x) |")

@@ -556,3 +556,22 @@ def test_kve_tune_searches_guidance_on_every_class(cond_run, tmp_path, monkeypat
     assert_refused(lambda: cli_main(["tune", f"--ckpt_path={cond_run}", f"--out={tmp_path / 'x.yaml'}", "--n=12"]),
                    capsys, "--n 12: a model of 10 classes is judged per class and needs at least 2 samples",
                    folder=tmp_path)
+
+
+def test_w_1_given_to_a_model_that_stores_guidance_samples_unguided(tmp_path):
+    """A checkpoint (and its export) whose own sampler guides (w = 2): `kve sample --model.guidance_scale 1` makes
+    the unguided images, byte for byte those of `module.sample(guidance_scale=1)`, not the stored guidance's, and
+    its manifest says so (earlier, w = 1 left the guidance settings out of what reached the model)."""
+    module = KarrasVeModule(unet=TINY, num_classes=K, num_steps=3, guidance_scale=2.0)
+    ckpt = tmp_path / "guided.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    cli_main(["export", f"--ckpt_path={ckpt}", f"--out={tmp_path / 'e'}"])
+    unguided = (module.sample([0, 1], labels=[3, 3], guidance_scale=1.0) / 2 + 0.5).clamp(0, 1)
+    guided_images = (module.sample([0, 1], labels=[3, 3]) / 2 + 0.5).clamp(0, 1)
+    assert (unguided - guided_images).abs().max() > 0.01
+    for source, out in ((f"--ckpt_path={ckpt}", "c"), (f"--pipeline={tmp_path / 'e'}", "p")):
+        cli_main(["sample", source, "--seeds=0-1", "--labels=3", "--model.guidance_scale=1", "--grid=false",
+                  f"--out={tmp_path / out}"])
+        written = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / out / f"{s:06d}.png"))) for s in (0, 1)])
+        assert torch.equal(written, (unguided[:, 0] * 255).round().to(torch.uint8))
+        assert "guidance_scale" not in json.loads((tmp_path / out / "manifest.json").read_text())["sampler"]

@@ -12,7 +12,7 @@ import argparse
 import inspect
 import os
 import sys
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -272,7 +272,8 @@ def load_model(ckpt_path: str | None, pipeline: str | None, device: torch.device
         guide = {} if guide_ckpt_path is None else {"guide_ckpt_path": guide_ckpt_path}
         module = KarrasVeModule.from_checkpoint(ckpt_path, **guide).to(device)
         datamodule = dict(read_checkpoint(ckpt_path).get("datamodule_hyper_parameters") or {})
-        return Model(lambda seeds, s, labels=None: to_unit(module.sample(seeds, labels=labels, **s.to_dict())),
+        # every field: to_dict leaves out the guidance settings at w = 1, and the module's own would then apply
+        return Model(lambda seeds, s, labels=None: to_unit(module.sample(seeds, labels=labels, **asdict(s))),
                      module.sampler, module.denoiser.requires_grad_(False), module.train_sigmas, str(ckpt_path),
                      datamodule, module.guide)
     pipe = load_pipeline(pipeline, device)
@@ -284,7 +285,7 @@ def load_model(ckpt_path: str | None, pipeline: str | None, device: torch.device
         guide = KarrasVeModule.from_checkpoint(guide_ckpt_path).denoiser.requires_grad_(False).to(device)
         check_guide(denoiser, guide, str(guide_ckpt_path))
     return Model(lambda seeds, s, labels=None: pipe(seeds=seeds, output_type="pt", class_labels=labels, guide=guide,
-                                                    **s.to_dict()).images,
+                                                    **asdict(s)).images,
                  pipe.scheduler.settings, denoiser, pipe.scheduler.trained, str(pipeline), {}, guide)
 
 

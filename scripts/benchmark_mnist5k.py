@@ -1,10 +1,12 @@
 """Requested-class accuracy and a per-class sample grid of a conditional mnist5k model (configs/mnist5k.yaml).
 
     python scripts/benchmark_mnist5k.py --ckpt_path runs/mnist5k/checkpoints/last.ckpt --scales 1,1.5,2 \
-        --per_class 100 --grid benchmarks/mnist5k_grid.png
+        --per_class 100 --grid benchmarks/mnist5k_grid.png [--config runs/mnist5k/tuned35.yaml]
 
 For every w of ``--scales`` it samples ``--per_class`` images of each class (seeds 0 .. per_class - 1 for every class
-and every w: common random numbers), classifier-free guided at the checkpoint's sampler settings. The
+and every w: common random numbers), classifier-free guided at the checkpoint's sampler settings, or at those of
+``--config`` (the ``model:`` sampler settings of a ``kve tune`` output or a ``kve fit`` config; w and the guidance
+interval among them, then each w of ``--scales`` on that interval). The
 **requested-class accuracy** is the fraction that scikit-learn's logistic regression, fitted on the checkpoint's
 training split of the 5,000 real digits (pixels in [-1, 1], at the model's image size), assigns to the requested
 class; its accuracy on the held-out split is printed beside, the ceiling. ``--grid`` writes the first 8 samples of
@@ -14,8 +16,10 @@ each class at the first w, one row per class, upscaled 4 x.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
+import yaml
 from sklearn.linear_model import LogisticRegression
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
@@ -24,6 +28,7 @@ from kve_lightning.guidance import guided_nfe
 from kve_lightning.interop.checkpoint import read_checkpoint
 from kve_lightning.lit.data import FlipDataset, ImageDataModule
 from kve_lightning.lit.module import KarrasVeModule
+from kve_lightning.sampling import SamplerSettings
 from kve_lightning.storage import to_unit
 
 
@@ -38,8 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scales", default="1,1.5,2", help="guidance weights w, comma-separated")
     p.add_argument("--per_class", type=int, default=100, help="samples per class and w")
     p.add_argument("--grid", default=None, help="write the per-class grid of the first w here (PNG)")
+    p.add_argument("--config", default=None, help="a YAML whose model: sampler settings replace the checkpoint's")
     args = p.parse_args(argv)
     module = KarrasVeModule.from_checkpoint(args.ckpt_path)
+    if args.config:
+        given = yaml.safe_load(Path(args.config).read_text())["model"]
+        module.sampler = module.sampler.replace(**{k: v for k, v in given.items()
+                                                   if k in SamplerSettings.__dataclass_fields__})
     classes = module.hparams.num_classes
     if not classes:
         raise SystemExit(f"{args.ckpt_path}: an unconditional model (num_classes 0)")

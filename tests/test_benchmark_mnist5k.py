@@ -2,12 +2,15 @@
 digits: the checkpoint records no data settings)."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from conftest import untrained_checkpoint
+from kve_lightning.guidance import guided_nfe
+from kve_lightning.lit.module import KarrasVeModule
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_mnist5k.py"
 
@@ -24,5 +27,12 @@ def test_accuracy_rows_and_the_per_class_grid(tmp_path, capsys):
     assert all(0 <= float(r[2].rstrip(" |")) <= 1 for r in rows)
     with Image.open(tmp_path / "g.png") as grid:  # 10 rows of 3, 8 x 8 images with 1-pixel padding, 4 x
         assert grid.size == (4 * (3 * 9 + 1), 4 * (10 * 9 + 1))
+    (tmp_path / "tuned.yaml").write_text("# kve tune\nmodel:\n  num_steps: 3\n  guidance_sigma_max: 1.0\n")
+    bench.main(["--ckpt_path", str(ckpt), "--scales", "1,2", "--per_class", "2", "--config",
+                str(tmp_path / "tuned.yaml")])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    tuned = KarrasVeModule.from_checkpoint(ckpt).sampler.replace(num_steps=3, guidance_sigma_max=1.0)
+    everywhere = guided_nfe(tuned.replace(guidance_scale=2.0, guidance_sigma_max=math.inf))
+    assert [int(r[1]) for r in rows] == [5, guided_nfe(tuned.replace(guidance_scale=2.0))] and int(rows[1][1]) < everywhere
     with pytest.raises(SystemExit, match="unconditional"):
         bench.main(["--ckpt_path", str(untrained_checkpoint(tmp_path / "u.ckpt", sigma_max=10.0))])

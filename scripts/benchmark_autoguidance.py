@@ -4,7 +4,8 @@
         --guide_ckpt_path runs/digits-ep15/checkpoints/last.ckpt --scales 1.1,1.2 --n 1000 \
         [--set s_noise=0.72 --set clamp_denoised=false] [--out-md autoguidance.md]
 
-Every row samples the same seeds 0 .. n-1 (common random numbers), the first without guidance (w = 1), the others
+Every row samples the same seeds ``--seed`` .. ``--seed`` + n - 1 (common random numbers; a ``--seed`` past those a
+search chose w on gives figures free of that choice), the first without guidance (w = 1), the others
 autoguided at w (``D_w = D_guide + w (D_main - D_guide)``, two network calls per step: twice the NFE), at the
 checkpoint's sampler settings with the ``--set FIELD=VALUE`` overrides. Each row gives FID-digits and FD-pixels
 against all 1,797 digits, as ``kve tune`` scores its arms (``kve_lightning.search.Scorer``), and both differences to
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--guide_ckpt_path", required=True, help="the weaker model that guides")
     p.add_argument("--scales", default="1.1,1.2,1.5,2", help="guidance weights w (the unguided row comes first)")
     p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a SamplerSettings override")
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--confidence", type=float, default=0.95)
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     scorers = (Scorer.from_real(real_features, args.n, args.bootstrap, 0),
                Scorer.from_moments(pixel_fd.mu, pixel_fd.sqrt_cov, args.n, args.bootstrap, 0, pixel_fd.set_size,
                                    pixel_fd.floor))
-    seeds = list(range(args.n))
+    seeds = list(range(args.seed, args.seed + args.n))
     arms, scales = [], [1.0] + [float(w) for w in args.scales.split(",")]
     for w in scales:
         settings = module.sampler.replace(guidance_scale=w, **overrides)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  fd_pixels=a.pixels, fd_pixels_diff=a.pixels_diff, fd_pixels_interval=a.pixels_interval)
             for w, a in zip(scales, arms)]
     lines = [f"Autoguidance of `{args.ckpt_path}` by `{args.guide_ckpt_path}`, {args.n} samples per row (seeds "
-             f"0-{args.n - 1}), settings: the checkpoint's with {overrides}; differences to w = 1 with paired "
+             f"{seeds[0]}-{seeds[-1]}), settings: the checkpoint's with {overrides}; differences to w = 1 with paired "
              f"bootstrap {pct} intervals ({args.bootstrap} resamples).", "",
              f"| w | NFE | FID-digits | diff | {pct} interval | FD-pixels (x real) | diff | {pct} interval |",
              "|---|---|---|---|---|---|---|---|"]

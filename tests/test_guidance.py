@@ -440,10 +440,11 @@ def test_benchmark_autoguidance_script_runs_end_to_end(cond_run, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main([f"--ckpt_path={cond_run}", f"--guide_ckpt_path={cond_run}", "--scales=2", "--n=12",
-                       "--bootstrap=20", f"--out-md={tmp_path / 'a.md'}"])
+                       "--seed=5", "--bootstrap=20", f"--out-md={tmp_path / 'a.md'}"])
     assert [r["w"] for r in rows] == [1.0, 2.0] and rows[1]["nfe"] == 2 * rows[0]["nfe"]
     assert rows[0]["fid_diff"] == 0 and rows[1]["fd_pixels"] > 0  # its own guide: D_w = D, but twice the cost
-    assert "FD-pixels" in (tmp_path / "a.md").read_text()
+    text = (tmp_path / "a.md").read_text()
+    assert "FD-pixels" in text and "(seeds 5-16)" in text
 
 
 @pytest.mark.slow

@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     module = KarrasVeModule.from_checkpoint(args.ckpt_path)
     if args.config:
         given = yaml.safe_load(Path(args.config).read_text())["model"]
-        module.sampler = module.sampler.replace(**{k: v for k, v in given.items()
-                                                   if k in SamplerSettings.__dataclass_fields__})
+        module.sampler = module.sampler.replace(**{k: v for k, v in given.items()  # sigma_max auto: the model's
+                                                   if k in SamplerSettings.__dataclass_fields__ and v != "auto"})
     classes = module.hparams.num_classes
     if not classes:
         raise SystemExit(f"{args.ckpt_path}: an unconditional model (num_classes 0)")

@@ -292,8 +292,9 @@ def per_class_scores(real_images: torch.Tensor, real_labels: torch.Tensor, real_
                      labels: torch.Tensor, bootstrap: int, seed: int) -> tuple[PerClass, PerClass]:
     """The FID's and FD-pixels' scores of samples of classes ``labels`` (features [n, d] and images [n, C, H, W]
     in, the ``PerClass`` mean and its resamples out): per class c, the samples of c against the real images of c,
-    FD-pixels on the principal axes of that class's images, in one set of at most half their count. ``kve tune``'s
-    judge of a conditional model, and ``scripts/benchmark_guidance.py``'s per-class figures."""
+    FD-pixels on the principal axes of that class's images, in sets of at most half their count. ``kve tune``'s
+    judge (an unconditional model's samples and images all of one class: the pooled FID and FD-pixels), and
+    ``scripts/benchmark_guidance.py``'s per-class figures."""
     fid, pixels, rows = [], [], []
     for c in range(int(labels.max()) + 1):
         mine, theirs = torch.nonzero(labels == c).flatten(), real_labels == c

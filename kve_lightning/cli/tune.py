@@ -15,12 +15,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kve_lightning.cli.common import DataSource, at_least, check_outputs, load_model, parse_device, writable_file
-from kve_lightning.metrics import PixelFD, feature_net
+from kve_lightning.metrics import feature_net
 from kve_lightning.sampling import SamplerSettings
 from kve_lightning.guidance import guided_nfe
 from kve_lightning.search import (GUIDANCE, METRICS, RESTART_PARTS, SEARCHED, SOLVER_SETTINGS, TUNED_SOLVERS, Arm,
-                                  Scorer, TunedSolver, describe, format_table, paired_intervals, per_class_scores,
-                                  start, tune, winner_yaml)
+                                  TunedSolver, describe, format_table, paired_intervals, per_class_scores, start, tune,
+                                  winner_yaml)
 from kve_lightning.search import plot as plot_arms
 from kve_lightning.storage import save_atomic
 
@@ -164,14 +164,10 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, guide_ckpt_pa
         real_features = torch.cat([net(batch.to(device)).double().cpu() for batch in real_images.split(batch_size)])
     seeds = list(range(seed, seed + n))
     labels = [s % classes for s in seeds] if classes else None
-    if classes:
-        scorers = per_class_scores(real_images, real_labels, real_features, torch.tensor(labels), bootstrap, seed)
-    else:
-        pixel_fd = PixelFD(real_images, n)
-        pixel_scorer = Scorer.from_moments(pixel_fd.mu, pixel_fd.sqrt_cov, n, bootstrap, seed, pixel_fd.set_size,
-                                           pixel_fd.floor)
-        scorers = (Scorer.from_real(real_features, n, bootstrap, seed),
-                   lambda images: pixel_scorer(pixel_fd.features(images)))
+    # an unconditional model is one class: all samples against all images
+    one_class = torch.zeros(len(real_images), dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    scorers = per_class_scores(real_images, real_labels if classes else one_class[0], real_features,
+                               torch.tensor(labels) if classes else one_class[1], bootstrap, seed)
 
     @torch.no_grad()
     def evaluate(arm: SamplerSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +203,8 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, guide_ckpt_pa
                f"{(time.monotonic() - began) / 60:.1f} min")
     verdict = (f"best {metric} {best.fid:.2f} vs Table 5 {arms[0].fid:.2f}: difference {best.diff:+.2f}, {pct} paired "
                f"bootstrap interval [{best.interval[0]:+.2f}, {best.interval[1]:+.2f}] over {bootstrap} resamples; "
-               f"FD-pixels {best.pixels:.3f}x vs {arms[0].pixels:.3f}x (real images: 1; sets of "
-               f"{'at most half a class' if classes else pixel_fd.set_size}), difference {best.pixels_diff:+.3f}, "
+               f"FD-pixels {best.pixels:.3f}x vs {arms[0].pixels:.3f}x (real images: 1; sets of at most half "
+               f"{'a class' if classes else 'the images'}), difference {best.pixels_diff:+.3f}, "
                f"[{best.pixels_interval[0]:+.3f}, {best.pixels_interval[1]:+.3f}]")
     print(f"{summary}\n\n{format_table(arms, best, confidence, metric)}\n\n{verdict}")
     header = [f"kve tune: the best of {len(arms)} arms, compass searches per solver from EDM Table 5's VE settings "

@@ -473,9 +473,13 @@ def plot(arms: list[Arm], best: Arm, title: str, path: Path, metric: str = "FID"
     save_atomic(path, lambda f: f.write(buffer.getvalue()))
 
 
-def winner_yaml(settings: SamplerSettings, fixed: dict, header: list[str]) -> str:
+def winner_yaml(settings: SamplerSettings, fixed: dict, header: list[str], guided: bool = False) -> str:
     """``model:`` with N, the solver, its searched settings and the fixed ones: a config for ``kve predict
-    --config``, ``kve sample --config`` and ``kve export --config``."""
+    --config``, ``kve sample --config`` and ``kve export --config``. Where the search moved guidance (``guided``) or
+    it was fixed, w is written even at 1 (``to_dict`` leaves it out there), so that the config does not leave a
+    checkpoint's own guidance in place."""
     model = {"num_steps": settings.num_steps, "solver": settings.solver} | searched_values(settings)
-    model |= {k: v for k, v in settings.to_dict().items() if k in fixed and k not in model}
+    written = settings.to_dict() | {"guidance_scale": settings.guidance_scale}
+    model |= {k: v for k, v in written.items()
+              if (k in fixed or guided and k == "guidance_scale") and k not in model}
     return "".join(f"# {line}\n" for line in header) + yaml.safe_dump({"model": model}, sort_keys=False)

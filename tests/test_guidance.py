@@ -553,7 +553,10 @@ def test_kve_tune_searches_guidance_on_every_class(cond_run, tmp_path, monkeypat
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     guided_rows = [row for row in rows if ", w " in row[1]]  # | arm | settings | NFE | ...
     assert guided_rows and int(guided_rows[0][2]) == guided_nfe(guided_arms[0]) > guided_arms[0].nfe
-    assert "seed s in class s mod 10" in out.read_text() and yaml.safe_load(out.read_text())["model"]["num_steps"] == 2
+    best = yaml.safe_load(out.read_text())["model"]
+    assert "seed s in class s mod 10" in out.read_text() and best["num_steps"] == 2
+    # w is written even when the best is unguided: a checkpoint's own guidance must not apply under --config
+    assert "guidance_scale" in best and (best["guidance_scale"] == 1) == ("guidance_sigma_max" not in best)
     assert_refused(lambda: cli_main(["tune", f"--ckpt_path={cond_run}", f"--out={tmp_path / 'x.yaml'}", "--n=12"]),
                    capsys, "--n 12: a model of 10 classes is judged per class and needs at least 2 samples",
                    folder=tmp_path)

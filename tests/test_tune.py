@@ -199,6 +199,19 @@ def test_finds_the_best_solver_and_its_settings():
     assert SamplerSettings(sigma_max=10.0).replace(**model) == s.replace(num_steps=15)
 
 
+def test_the_yaml_writes_w_where_guidance_was_searched_or_fixed():
+    """An unguided winner of a search that moved guidance says w = 1, and so does a fixed w = 1 (``to_dict`` leaves
+    w out at 1, and a checkpoint that guides would then keep its own); a search without guidance writes none."""
+    s = SamplerSettings(num_steps=18)
+    assert "guidance_scale" not in yaml.safe_load(winner_yaml(s, {}, ["x"]))["model"]
+    for model in (yaml.safe_load(winner_yaml(s, {}, ["x"], guided=True))["model"],
+                  yaml.safe_load(winner_yaml(s, {"guidance_scale": 1.0}, ["x"]))["model"]):
+        assert model["guidance_scale"] == 1.0 and "guidance_sigma_max" not in model
+    guided = yaml.safe_load(winner_yaml(s.replace(guidance_scale=1.5, guidance_sigma_max=2.0), {}, ["x"], True))
+    assert {k: guided["model"][k] for k in GUIDANCE} == {"guidance_scale": 1.5, "guidance_sigma_max": 2.0,
+                                                         "guidance_sigma_min": 0.0}
+
+
 def test_a_solver_that_worsens_fd_pixels_beyond_its_noise_does_not_win():
     """FD-pixels' features shifted by 5 in every DPM-Solver++(2M) SDE arm: worse than Table 5's beyond any noise,
     so none of its moves is taken and, although it has the lowest FID, Algorithm 2's best wins."""

@@ -209,7 +209,7 @@ def run(ckpt_path: str | None = None, pipeline: str | None = None, guide_ckpt_pa
     print(f"{summary}\n\n{format_table(arms, best, confidence, metric)}\n\n{verdict}")
     header = [f"kve tune: the best of {len(arms)} arms, compass searches per solver from EDM Table 5's VE settings "
               f"and the solvers' own;", f"{summary}; model {trained.source};", f"{verdict};", f"found by: {command}"]
-    text = winner_yaml(best.settings, fixed, header)
+    text = winner_yaml(best.settings, fixed, header, guided=guiding and "guidance_scale" in searched)
     save_atomic(out, lambda f: f.write(text.encode()))
     plot_arms(arms, best, f"{metric}, n = {n}, NFE {nfe}: best - Table 5 = {best.diff:+.2f}, {pct} interval "
                      f"[{best.interval[0]:+.2f}, {best.interval[1]:+.2f}]; FD-pixels {best.pixels_diff:+.3f}",

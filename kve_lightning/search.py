@@ -284,7 +284,15 @@ class PerClass:
     rows: list[torch.Tensor]
 
     def __call__(self, features: torch.Tensor) -> tuple[float, torch.Tensor]:
-        scores = [score(features[rows]) for score, rows in zip(self.scores, self.rows)]
+        return self.mean(self.each(features))
+
+    def each(self, features: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+        """Each class's score of its rows of ``features``: its value and its resampled values."""
+        return [score(features[rows]) for score, rows in zip(self.scores, self.rows)]
+
+    @staticmethod
+    def mean(scores: list[tuple[float, torch.Tensor]]) -> tuple[float, torch.Tensor]:
+        """The mean over classes of ``each``'s scores, and of their resamples."""
         return sum(value for value, _ in scores) / len(scores), torch.stack([r for _, r in scores]).mean(0)
 
 

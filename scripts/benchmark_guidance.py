@@ -46,7 +46,7 @@ from kve_lightning.guidance import guided_nfe
 from kve_lightning.lit.module import KarrasVeModule
 from kve_lightning.metrics import Quality, digits_feature_net, digits_images, digits_split, digits_with_labels
 from kve_lightning.sampling import SamplerSettings
-from kve_lightning.search import per_class_scores
+from kve_lightning.search import PerClass, per_class_scores
 
 BOOTSTRAP_SEED = 0
 
@@ -84,19 +84,24 @@ def parse_scale(text: str) -> tuple[float, dict]:
 
 
 @torch.no_grad()
-def class_quality(samples: torch.Tensor, assigned: torch.Tensor, bootstrap: int) -> dict:
-    """Per-class FID-digits and FD-pixels of the ``samples`` assigned to each class against that class's digits
-    (``search.per_class_scores``), their means over the classes and the means' bootstrap resamples (``_resampled``
-    keys: kept out of the JSON)."""
+def class_scores(assigned: torch.Tensor, bootstrap: int) -> tuple[PerClass, PerClass]:
+    """The per-class FID-digits and FD-pixels scores (``search.per_class_scores``) of samples of classes
+    ``assigned`` against the digits of those classes."""
     real, real_labels = digits_with_labels()
-    net = digits_feature_net()
-    fid, pixels = per_class_scores(real, real_labels, net(real).double(), assigned, bootstrap, BOOTSTRAP_SEED)
-    features = net(samples).double()
+    return per_class_scores(real, real_labels, digits_feature_net()(real).double(), assigned, bootstrap,
+                            BOOTSTRAP_SEED)
+
+
+@torch.no_grad()
+def class_quality(samples: torch.Tensor, scores: tuple[PerClass, PerClass]) -> dict:
+    """Per-class FID-digits and FD-pixels of ``samples`` (``scores``: ``class_scores`` of their classes), their
+    means over the classes and the means' bootstrap resamples (``_resampled`` keys: kept out of the JSON)."""
     row = {}
-    for key, score, inputs in (("fid", fid, features), ("fd_pixels", pixels, samples)):
-        row[f"{key}_per_class"] = {str(c): one(inputs[rows])[0] for c, (one, rows) in enumerate(zip(score.scores,
-                                                                                                     score.rows))}
-        row[f"{key}_mean"], row[f"{key}_resampled"] = score(inputs)
+    for key, score, inputs in (("fid", scores[0], digits_feature_net()(samples).double()),
+                               ("fd_pixels", scores[1], samples)):
+        each = score.each(inputs)
+        row[f"{key}_per_class"] = {str(c): value for c, (value, _) in enumerate(each)}
+        row[f"{key}_mean"], row[f"{key}_resampled"] = PerClass.mean(each)
     return row
 
 
@@ -116,13 +121,19 @@ def paired_to_first(rows: list[dict]) -> None:
             row.pop(f"{key}_resampled")
 
 
+def requested_labels(classes: int, per_class: int) -> list[int]:
+    """The class of each sample of a row: ``per_class`` of class 0, then of class 1, ..."""
+    return [c for c in range(classes) for _ in range(per_class)]
+
+
 def measure(module: KarrasVeModule, scale: float, per_class: int, classifier, batch_size: int, quality: Quality,
-            bootstrap: int, **settings) -> dict:
+            scores: tuple[PerClass, PerClass], **settings) -> dict:
     """One row: the samples of every class at guidance weight ``scale``, their accuracy (and its interval),
-    per-class FID-digits and FD-pixels (``class_quality``), and the pooled FID-digits and FD-pixels."""
+    per-class FID-digits and FD-pixels (``class_quality`` with ``scores``, the same for every row), and the pooled
+    FID-digits and FD-pixels."""
     classes = module.hparams.num_classes
     seeds = [s for _ in range(classes) for s in range(per_class)]
-    labels = [c for c in range(classes) for _ in range(per_class)]
+    labels = requested_labels(classes, per_class)
     batches = [module.sample(seeds[i:i + batch_size], labels=labels[i:i + batch_size], guidance_scale=scale,
                              **settings).clamp(-1, 1)
                for i in tqdm(range(0, len(seeds), batch_size), desc=f"w={scale:g}", unit="batch")]
@@ -132,14 +143,13 @@ def measure(module: KarrasVeModule, scale: float, per_class: int, classifier, ba
     # FD-pixels takes consecutive sets of rows: interleave the classes (seed 0 of classes 0..K-1, then seed 1, ...),
     # so that a set holds every class alike; in class order a set of 898 of 1,000 would leave the last class out
     fid_all, fd_all = quality(samples.unflatten(0, (classes, per_class)).transpose(0, 1).flatten(0, 1))
-    nfe = guided_nfe(module.sampler.replace(guidance_scale=scale, **settings))
     accuracy = (predicted == requested).double().mean().item()
     half = 1.96 * (accuracy * (1 - accuracy) / len(samples)) ** 0.5
     run = module.sampler.replace(guidance_scale=scale, **settings)
     guided_for = f"({run.guidance_sigma_min:g}, {run.guidance_sigma_max:g}]" if scale != 1 else "–"
     return {"w": scale, "interval": guided_for,
-            "accuracy": accuracy, "accuracy_interval": [accuracy - half, accuracy + half], "nfe": nfe,
-            **class_quality(samples, requested, bootstrap), "fid_pooled": fid_all, "fd_pixels_pooled": fd_all}
+            "accuracy": accuracy, "accuracy_interval": [accuracy - half, accuracy + half], "nfe": guided_nfe(run),
+            **class_quality(samples, scores), "fid_pooled": fid_all, "fd_pixels_pooled": fd_all}
 
 
 def unconditional_reference(ckpt: str, n: int, classes: int, classifier, batch_size: int, quality: Quality,
@@ -150,7 +160,7 @@ def unconditional_reference(ckpt: str, n: int, classes: int, classifier, batch_s
     samples = torch.cat([module.sample(seeds[i:i + batch_size], **settings).clamp(-1, 1)
                          for i in tqdm(range(0, n, batch_size), desc="unconditional", unit="batch")])
     assigned = torch.from_numpy(classifier.predict(samples.flatten(1).numpy()))
-    row = class_quality(samples, assigned, bootstrap)
+    row = class_quality(samples, class_scores(assigned, bootstrap))
     del row["fid_resampled"], row["fd_pixels_resampled"]  # other seeds than the rows': no paired difference
     fid_all, fd_all = quality(samples)
     return {"w": None, "ckpt": ckpt, "nfe": module.sampler.replace(**settings).nfe,
@@ -267,7 +277,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         classifier, ceiling = digits_classifier()
         classes = module.hparams.num_classes
         quality = Quality(digits_images(8, 1), classes * args.per_class)
-        rows = [measure(module, w, args.per_class, classifier, args.batch_size, quality, args.bootstrap,
+        scores = class_scores(torch.tensor(requested_labels(classes, args.per_class)), args.bootstrap)
+        rows = [measure(module, w, args.per_class, classifier, args.batch_size, quality, scores,
                         **settings | interval) for w, interval in map(parse_scale, args.scales.split(","))]
         paired_to_first(rows)
         reference = None if args.uncond_ckpt_path is None else unconditional_reference(
